@@ -1,0 +1,581 @@
+"""Task dispatch: the task state machine and every change made to it.
+
+States of ``Task.state`` and who moves a task between them::
+
+    submit_task ─> QUEUED ──assign──> ASSIGNED ──complete_task──> DONE
+                    ^  ^                 │  │
+                    │  └─ fail_task, ────┘  └─ fail_task / lease expiry,
+                    │    attempts left          no attempts left ──────> FAILED
+                    │    (after backoff)
+                    └─ release: the worker disconnected, its broker process
+                       died, or an operator requeued it
+
+    QUEUED | ASSIGNED ── cancel_tasks (operator) ──> CANCELLED
+    FAILED | CANCELLED ── requeue_tasks (operator) ──> QUEUED
+
+* ``assign`` hands the oldest due QUEUED tasks (by id, so a released task goes
+  back ahead of everything submitted after it) to the live workers with a free
+  slot, longest idle first. It is a compare-and-set on both rows: a worker's
+  ``in_flight`` never exceeds its ``concurrency`` and a task is ASSIGNED to one
+  worker at most, even with several broker processes on one PostgreSQL (which
+  also skips rows another process has locked).
+* ``delivered_at`` records that the outcome of a finished task (DONE, FAILED,
+  CANCELLED) was sent to its client; a client that resumes with its
+  ``clientId`` is sent every finished task that lacks it.
+
+Every public function here is synchronous and runs its changes in
+transactions; consumers call them through ``database_sync_to_async``. They
+return :class:`Effects`: the frames the caller must announce over the channel
+layer *after* the commit. The database is the truth, the layer a doorbell.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from .models import BrokerProcess, Connection, Task
+from .protocol import ErrorCode, ProtocolError
+
+# How many workers one assignment round considers; each completion, release
+# and housekeeping tick runs another round, so this only bounds one statement.
+WORKERS_PER_ROUND = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A task to be sent to a worker as REQUEST_TASK."""
+
+    worker_channel: str
+    task_id: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final word on a task, to be sent to its client (RESPONSE_TASK or TASK_FAILED)."""
+
+    reply_channel: str
+    task_id: int
+    message_id: str
+    ok: bool
+    data: str
+
+
+@dataclass(slots=True)
+class Effects:
+    """What the caller announces after the transaction committed."""
+
+    assignments: list[Assignment] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __iadd__(self, other: Effects) -> Effects:
+        self.assignments.extend(other.assignments)
+        self.outcomes.extend(other.outcomes)
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.assignments or self.outcomes)
+
+
+class UnknownTask(ProtocolError):
+    """A worker named a task it does not hold; ``held`` are (taskId, data) of those it does hold."""
+
+    def __init__(self, task_id: str, held: list[tuple[str, str]]) -> None:
+        if held:
+            message = f"task {task_id[:64]!r} is not assigned to this worker; its assigned task is sent again"
+        else:
+            message = f"task {task_id[:64]!r} is not assigned to this worker, which holds no task"
+        super().__init__(ErrorCode.UNKNOWN_TASK, message)
+        self.held = held
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A newly registered connection and what it must be sent right away."""
+
+    connection_id: int
+    effects: Effects
+
+
+# --- broker processes ----------------------------------------------------------
+
+
+def register_process(hostname: str, pid: int) -> tuple[int, Effects]:
+    """Record this broker process; take back what dead processes on this host held.
+
+    A process of this host whose pid no longer runs (or is ours, reused) died
+    without cleaning up: its connections are released at once instead of
+    after the heartbeat timeout.
+    """
+    now = timezone.now()
+    process = BrokerProcess.objects.create(hostname=hostname, pid=pid, heartbeat_at=now)
+    dead = [
+        other.pk
+        for other in BrokerProcess.objects.running().filter(hostname=hostname).exclude(pk=process.pk)
+        if other.pid == pid or not _pid_alive(other.pid)
+    ]
+    return process.pk, _reap_processes(dead, now)
+
+
+def housekeep(process_id: int) -> Effects:
+    """Periodic work of every broker process: heartbeat, dead processes, leases, due retries."""
+    now = timezone.now()
+    BrokerProcess.objects.filter(pk=process_id).update(heartbeat_at=now)
+    cutoff = now - timedelta(seconds=settings.TURTLEMQ_PROCESS_DEAD_AFTER)
+    silent = list(BrokerProcess.objects.silent_since(cutoff).values_list("pk", flat=True))
+    effects = _reap_processes(silent, now)
+    effects += expire_leases(now)
+    with transaction.atomic():
+        effects.assignments.extend(_assign(now))
+    return effects
+
+
+def stop_process(process_id: int) -> Effects:
+    """Mark this process stopped and release everything its connections held."""
+    return _reap_processes([process_id], timezone.now())
+
+
+def _reap_processes(process_ids: list[int], now: datetime) -> Effects:
+    effects = Effects()
+    for process_id in process_ids:
+        with transaction.atomic():
+            # Compare-and-set: of several live processes, one reaps a dead one.
+            if not BrokerProcess.objects.filter(pk=process_id, stopped_at__isnull=True).update(stopped_at=now):
+                continue
+            connection_ids = list(Connection.objects.held_by_processes([process_id]).values_list("pk", flat=True))
+            _release(connection_ids, now)
+            effects.assignments.extend(_assign(now))
+    return effects
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+# --- registration and disconnection ----------------------------------------------
+
+
+def register_client(process_id: int, channel_name: str, client_id: str | None, remote_addr: str = "") -> Registration:
+    """Record a client connection; with a ``clientId``, route its results here.
+
+    The returned effects hold the outcome of every task of that ``clientId``
+    that finished while it was away.
+    """
+    now = timezone.now()
+    effects = Effects()
+    with transaction.atomic():
+        connection = Connection.objects.create(
+            channel_name=channel_name,
+            role=Connection.Role.CLIENT,
+            process_id=process_id,
+            client_id=client_id,
+            remote_addr=remote_addr,
+            ready_at=now,
+        )
+        if client_id is not None:
+            mine = Task.objects.filter(client_id=client_id)
+            mine.filter(Q(state__in=Task.UNFINISHED_STATES) | Q(delivered_at__isnull=True)).update(
+                reply_channel=channel_name
+            )
+            effects.outcomes.extend(
+                _outcome(channel_name, pk, message_id, state, result)
+                for pk, message_id, state, result in mine.undelivered_results_for(client_id).values_list(
+                    "pk", "message_id", "state", "result"
+                )
+            )
+    return Registration(connection.pk, effects)
+
+
+def register_worker(process_id: int, channel_name: str, concurrency: int, remote_addr: str = "") -> Registration:
+    """Record a worker connection and hand it queued tasks up to its concurrency."""
+    now = timezone.now()
+    with transaction.atomic():
+        connection = Connection.objects.create(
+            channel_name=channel_name,
+            role=Connection.Role.WORKER,
+            process_id=process_id,
+            concurrency=concurrency,
+            remote_addr=remote_addr,
+            ready_at=now,
+        )
+        assignments = _assign(now)
+    return Registration(connection.pk, Effects(assignments=assignments))
+
+
+def release_connection(connection_id: int) -> Effects:
+    """A connection closed: a worker's tasks go back to the queue and on to idle workers."""
+    now = timezone.now()
+    with transaction.atomic():
+        if not _release([connection_id], now):
+            return Effects()
+        return Effects(assignments=_assign(now))
+
+
+def _release(connection_ids: list[int], now: datetime) -> int:
+    """Mark connections gone and put the tasks their workers held back in the queue."""
+    closed = Connection.objects.live().filter(pk__in=connection_ids).update(disconnected_at=now, in_flight=0)
+    if closed:
+        Task.objects.assigned().filter(worker_id__in=connection_ids).update(
+            state=Task.State.QUEUED, worker=None, lease_expires_at=None
+        )
+    return closed
+
+
+# --- the life of a task -------------------------------------------------------------
+
+
+def submit_task(
+    reply_channel: str,
+    client_id: str | None,
+    message_id: str,
+    data: str,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
+) -> Effects:
+    """Store a new task (committed before anything else) and assign what can be assigned.
+
+    Within one ``clientId`` a repeated ``messageId`` creates nothing: for a task
+    in flight the one outcome is still to come; for a finished task the stored
+    outcome is sent again.
+    """
+    try:
+        with transaction.atomic():
+            if client_id is not None:
+                replay = _existing_outcome(reply_channel, client_id, message_id)
+                if replay is not None:
+                    return replay
+            now = timezone.now()
+            Task.objects.create(
+                message_id=message_id,
+                client_id=client_id,
+                reply_channel=reply_channel,
+                data=data,
+                timeout=timeout,
+                max_attempts=max_attempts or settings.TURTLEMQ_MAX_ATTEMPTS,
+            )
+            return Effects(assignments=_assign(now))
+    except IntegrityError:
+        # Another connection of the same clientId inserted this messageId
+        # between our look-up and our insert: it is a repeat after all.
+        if client_id is None:
+            raise
+        with transaction.atomic():
+            return _existing_outcome(reply_channel, client_id, message_id) or Effects()
+
+
+def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Effects | None:
+    row = Task.objects.filter(client_id=client_id, message_id=message_id).values_list("pk", "state", "result").first()
+    if row is None:
+        return None
+    pk, state, result = row
+    if state in Task.UNFINISHED_STATES:
+        return Effects()
+    return Effects(outcomes=[_outcome(reply_channel, pk, message_id, state, result)])
+
+
+def complete_task(worker_id: int, task_id: str, result: str) -> Effects:
+    """A worker returned the result of a task it holds: store it, free the slot, assign more.
+
+    Raises :class:`UnknownTask` (changing nothing) when the worker does not hold it.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        reply_channel, message_id = _lock_held(worker_id, task_id, "reply_channel", "message_id")
+        Task.objects.filter(pk=int(task_id)).update(
+            state=Task.State.DONE, result=result, finished_at=now, lease_expires_at=None
+        )
+        _free_slot(worker_id, now)
+        outcome = Outcome(reply_channel, int(task_id), message_id, True, result)
+        return Effects(assignments=_assign(now), outcomes=[outcome])
+
+
+def fail_task(worker_id: int, task_id: str, error: str) -> Effects:
+    """A worker reported a failure: retry after a backoff, or give up after the last attempt."""
+    now = timezone.now()
+    with transaction.atomic():
+        reply_channel, message_id, failures, max_attempts = _lock_held(
+            worker_id, task_id, "reply_channel", "message_id", "failures", "max_attempts"
+        )
+        effects = Effects(
+            outcomes=_record_failure(int(task_id), reply_channel, message_id, failures + 1, max_attempts, error, now)
+        )
+        _free_slot(worker_id, now)
+        effects.assignments.extend(_assign(now))
+        return effects
+
+
+def touch_task(worker_id: int, task_id: str) -> None:
+    """A worker still works on a task: renew its lease."""
+    now = timezone.now()
+    with transaction.atomic():
+        (timeout,) = _lock_held(worker_id, task_id, "timeout")
+        if timeout is not None:
+            Task.objects.filter(pk=int(task_id)).update(lease_expires_at=now + timedelta(seconds=timeout))
+
+
+def expire_leases(now: datetime) -> Effects:
+    """Take back tasks held past their lease; each expiry counts as a failed attempt."""
+    effects = Effects()
+    for pk, worker_id in Task.objects.lease_expired(now).values_list("pk", "worker_id"):
+        with transaction.atomic():
+            try:
+                reply_channel, message_id, failures, max_attempts = _lock_held(
+                    worker_id, str(pk), "reply_channel", "message_id", "failures", "max_attempts"
+                )
+            except UnknownTask:
+                continue  # finished or released meanwhile
+            effects.outcomes.extend(
+                _record_failure(pk, reply_channel, message_id, failures + 1, max_attempts, "lease expired", now)
+            )
+            Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
+            effects.assignments.extend(_assign(now))
+    return effects
+
+
+def mark_delivered(task_ids: list[int]) -> None:
+    """The outcomes of these tasks were sent to their clients."""
+    Task.objects.filter(pk__in=task_ids, delivered_at__isnull=True).update(delivered_at=timezone.now())
+
+
+def _lock_held(worker_id: int, task_id: str, *fields: str) -> tuple:
+    """Lock the task ``worker_id`` holds under ``task_id`` and read ``fields`` of it.
+
+    Locking first means a concurrent change (a client resuming elsewhere, an
+    operator cancelling) is either fully before or fully after ours.
+    """
+    row = None
+    if task_id.isdecimal() and len(task_id) < 19:
+        row = Task.objects.select_for_update().held_by(worker_id).filter(pk=int(task_id)).values_list(*fields).first()
+    if row is None:
+        held = [(str(pk), data) for pk, data in Task.objects.held_by(worker_id).values_list("pk", "data")]
+        raise UnknownTask(task_id, held)
+    return row
+
+
+def _free_slot(worker_id: int, now: datetime) -> None:
+    Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1, ready_at=now)
+
+
+def _record_failure(
+    pk: int, reply_channel: str, message_id: str, failures: int, max_attempts: int, error: str, now: datetime
+) -> list[Outcome]:
+    """Queue a failed task for a retry after its backoff, or end it as FAILED."""
+    if failures >= max_attempts:
+        Task.objects.filter(pk=pk).update(
+            state=Task.State.FAILED,
+            failures=failures,
+            result=error,
+            last_error=error,
+            finished_at=now,
+            lease_expires_at=None,
+        )
+        return [Outcome(reply_channel, pk, message_id, False, error)]
+    backoff = settings.TURTLEMQ_RETRY_BACKOFF * 2 ** (failures - 1)
+    Task.objects.filter(pk=pk).update(
+        state=Task.State.QUEUED,
+        failures=failures,
+        last_error=error,
+        worker=None,
+        lease_expires_at=None,
+        not_before=now + timedelta(seconds=backoff),
+    )
+    return []
+
+
+def _outcome(reply_channel: str, pk: int, message_id: str, state: str, result: str | None) -> Outcome:
+    if state == Task.State.DONE:
+        return Outcome(reply_channel, pk, message_id, True, result or "")
+    if state == Task.State.CANCELLED:
+        return Outcome(reply_channel, pk, message_id, False, result or "cancelled by an operator")
+    return Outcome(reply_channel, pk, message_id, False, result or "")
+
+
+# --- assignment ----------------------------------------------------------------------
+
+
+def _assign(now: datetime) -> list[Assignment]:
+    """Give due queued tasks, oldest first, to free workers, longest idle first.
+
+    Must run inside a transaction. On PostgreSQL the candidate rows are locked
+    with SKIP LOCKED so that concurrent rounds in other processes take other
+    rows; the updates are compare-and-set all the same, so SQLite (one writer)
+    and any surprise stay correct.
+    """
+    workers = list(
+        Connection.objects.with_free_slot()
+        .longest_idle_first()
+        .select_for_update(skip_locked=True)
+        .values_list("pk", "channel_name", "concurrency", "in_flight")[:WORKERS_PER_ROUND]
+    )
+    if not workers:
+        return []
+    free_slots = sum(concurrency - in_flight for _, _, concurrency, in_flight in workers)
+    tasks = list(
+        Task.objects.due(now).select_for_update(skip_locked=True).values_list("pk", "data", "timeout")[:free_slots]
+    )
+    if not tasks:
+        return []
+
+    # Deal the tasks out one slot per worker at a time, in idle order.
+    plan: dict[int, list[tuple[int, str, float | None]]] = {}
+    channels: dict[int, str] = {}
+    ring = deque([pk, channel, concurrency - in_flight] for pk, channel, concurrency, in_flight in workers)
+    for task in tasks:
+        slot = ring.popleft()
+        worker_pk, channel, free = slot
+        plan.setdefault(worker_pk, []).append(task)
+        channels[worker_pk] = channel
+        if free > 1:
+            slot[2] = free - 1
+            ring.append(slot)
+
+    assignments: list[Assignment] = []
+    for worker_pk, worker_tasks in plan.items():
+        count = len(worker_tasks)
+        claimed_worker = (
+            Connection.objects.live()
+            .filter(pk=worker_pk, in_flight__lte=F("concurrency") - count)
+            .update(in_flight=F("in_flight") + count, ready_at=now)
+        )
+        if not claimed_worker:
+            continue
+        task_ids = [pk for pk, _, _ in worker_tasks]
+        claimed = (
+            Task.objects.queued()
+            .filter(pk__in=task_ids)
+            .update(state=Task.State.ASSIGNED, worker_id=worker_pk, assigned_at=now, attempts=F("attempts") + 1)
+        )
+        if claimed != count:
+            # Someone else took some of them: keep what we got, give back the rest.
+            got = set(
+                Task.objects.held_by(worker_pk).filter(pk__in=task_ids, assigned_at=now).values_list("pk", flat=True)
+            )
+            worker_tasks = [task for task in worker_tasks if task[0] in got]
+            Connection.objects.filter(pk=worker_pk).update(in_flight=F("in_flight") - (count - len(worker_tasks)))
+        for pk, data, timeout in worker_tasks:
+            if timeout is not None:
+                Task.objects.filter(pk=pk).update(lease_expires_at=now + timedelta(seconds=timeout))
+            assignments.append(Assignment(channels[worker_pk], str(pk), data))
+    return assignments
+
+
+# --- status and operator actions ----------------------------------------------------------
+
+
+def broker_status() -> dict[str, int]:
+    """Counts for the STATUS frame and the admin."""
+    workers = (
+        Connection.objects.live()
+        .workers()
+        .aggregate(
+            idle=Count("pk", filter=Q(in_flight=0)),
+            busy=Count("pk", filter=Q(in_flight__gt=0)),
+        )
+    )
+    clients = Connection.objects.live().clients().count()
+    by_state = dict(
+        Task.objects.filter(state__in=Task.UNFINISHED_STATES)
+        .values_list("state")
+        .annotate(n=Count("pk"))
+        .values_list("state", "n")
+    )
+    return {
+        "idleWorkers": workers["idle"],
+        "busyWorkers": workers["busy"],
+        "clients": clients,
+        "queuedTasks": by_state.get(Task.State.QUEUED, 0),
+        "runningTasks": by_state.get(Task.State.ASSIGNED, 0),
+    }
+
+
+def cancel_tasks(task_ids: list[int], reason: str = "cancelled by an operator") -> Effects:
+    """Cancel unfinished tasks; their clients get TASK_FAILED and their workers' slots free up."""
+    now = timezone.now()
+    effects = Effects()
+    with transaction.atomic():
+        rows = list(
+            Task.objects.select_for_update()
+            .unfinished()
+            .filter(pk__in=task_ids)
+            .values_list("pk", "reply_channel", "message_id", "worker_id", "state")
+        )
+        for pk, reply_channel, message_id, worker_id, state in rows:
+            Task.objects.filter(pk=pk).update(
+                state=Task.State.CANCELLED, result=reason, finished_at=now, lease_expires_at=None
+            )
+            if state == Task.State.ASSIGNED and worker_id is not None:
+                _free_slot(worker_id, now)
+            effects.outcomes.append(Outcome(reply_channel, pk, message_id, False, reason))
+        effects.assignments.extend(_assign(now))
+    return effects
+
+
+def requeue_tasks(task_ids: list[int]) -> Effects:
+    """Put tasks back in the queue.
+
+    Failed or cancelled tasks start again with fresh attempts; assigned ones are
+    taken from their worker (whose late result is then refused).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        for pk, worker_id in (
+            Task.objects.select_for_update().assigned().filter(pk__in=task_ids).values_list("pk", "worker_id")
+        ):
+            Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
+            if worker_id is not None:
+                _free_slot(worker_id, now)
+        Task.objects.filter(pk__in=task_ids, state__in=(Task.State.FAILED, Task.State.CANCELLED)).update(
+            state=Task.State.QUEUED,
+            worker=None,
+            failures=0,
+            result=None,
+            finished_at=None,
+            delivered_at=None,
+            not_before=None,
+            lease_expires_at=None,
+        )
+        return Effects(assignments=_assign(now))
+
+
+def requeue_orphans() -> tuple[int, Effects]:
+    """Release tasks held by connections that are gone; returns how many went back to the queue."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.TURTLEMQ_PROCESS_DEAD_AFTER)
+    effects = _reap_processes(list(BrokerProcess.objects.silent_since(cutoff).values_list("pk", flat=True)), now)
+    with transaction.atomic():
+        orphans = list(Task.objects.orphaned().select_for_update().values_list("pk", "worker_id"))
+        for pk, worker_id in orphans:
+            Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
+            if worker_id is not None:
+                Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
+        effects.assignments.extend(_assign(now))
+    return len(orphans), effects
+
+
+def purge_finished_tasks(older_than: timedelta) -> int:
+    """Delete finished tasks (and long-closed connection rows) older than ``older_than``."""
+    cutoff = timezone.now() - older_than
+    with transaction.atomic():
+        deleted, _ = Task.objects.finished_before(cutoff).delete()
+        Connection.objects.filter(disconnected_at__lt=cutoff, tasks__isnull=True).delete()
+        BrokerProcess.objects.filter(stopped_at__lt=cutoff, connections__isnull=True).delete()
+    return deleted

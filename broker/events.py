@@ -1,0 +1,76 @@
+"""Channel-layer events of the task broker: the doorbells rung after a commit.
+
+Two events travel between consumers, possibly in different processes:
+``task.assign`` to a worker's channel (becomes REQUEST_TASK) and
+``task.outcome`` to a client's channel (becomes RESPONSE_TASK or
+TASK_FAILED). A lost event delays but never loses work: the database still
+says what is owed to whom.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer, get_channel_layer
+
+from .dispatch import Assignment, Effects, Outcome
+
+logger = logging.getLogger("turtlemq.broker")
+
+
+class TaskAssignEvent(TypedDict):
+    type: Literal["task.assign"]
+    task_id: str
+    data: str
+
+
+class TaskOutcomeEvent(TypedDict):
+    type: Literal["task.outcome"]
+    task_id: int
+    message_id: str
+    ok: bool
+    data: str
+
+
+def assign_event(assignment: Assignment) -> TaskAssignEvent:
+    return {"type": "task.assign", "task_id": assignment.task_id, "data": assignment.data}
+
+
+def outcome_event(outcome: Outcome) -> TaskOutcomeEvent:
+    return {
+        "type": "task.outcome",
+        "task_id": outcome.task_id,
+        "message_id": outcome.message_id,
+        "ok": outcome.ok,
+        "data": outcome.data,
+    }
+
+
+LocalHandler = Callable[[str, dict], Awaitable[bool]]
+
+
+async def ring(effects: Effects, layer: BaseChannelLayer | None = None, local: LocalHandler | None = None) -> None:
+    """Announce committed effects; ``local(channel, event)`` may deliver in-process and return True."""
+    if not effects:
+        return
+    layer = layer or get_channel_layer()
+    events: list[tuple[str, dict]] = [(a.worker_channel, dict(assign_event(a))) for a in effects.assignments]
+    events.extend((o.reply_channel, dict(outcome_event(o))) for o in effects.outcomes)
+    for channel, event in events:
+        if local is not None and await local(channel, event):
+            continue
+        try:
+            await layer.send(channel, event)
+        except ChannelFull:
+            # The database still holds the task; it is re-sent on resume or re-dispatch.
+            logger.warning("channel %s is full; dropped %s for task %s", channel, event["type"], event["task_id"])
+
+
+def ring_from_sync(effects: Effects) -> None:
+    """``ring`` for synchronous callers: the admin and management commands."""
+    if effects:
+        async_to_sync(ring)(effects)

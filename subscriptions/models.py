@@ -1,0 +1,1 @@
+"""Models of topics, messages, e-mail subscriptions and the e-mail outbox."""

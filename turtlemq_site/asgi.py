@@ -1,0 +1,23 @@
+"""ASGI entry point: HTTP goes to Django, WebSocket to the broker consumer.
+
+No origin validation here: most peers are programs that send no ``Origin``
+header; access is controlled with access keys instead.
+"""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turtlemq_site.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from broker.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": URLRouter(websocket_urlpatterns),
+    }
+)

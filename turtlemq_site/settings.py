@@ -1,0 +1,188 @@
+"""Settings for TurtleMQ, read from the environment.
+
+With nothing set, TurtleMQ runs embedded: SQLite (WAL) and the in-memory
+channel layer in one process, with development-only defaults. Production
+parts are chosen by environment variables:
+
+* ``DATABASE_URL`` (e.g. ``postgres://user@127.0.0.1:5432/turtlemq``) selects
+  PostgreSQL; ``REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``) selects the
+  channels-redis layer, so that several broker processes share the work.
+* ``SECRET_KEY``, ``DEBUG``, ``ALLOWED_HOSTS`` as in any Django project. With
+  ``DEBUG`` off the development secret key is refused at start-up.
+* ``TURTLEMQ_*`` tune the broker (see the bottom of this file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read a boolean environment variable such as ``1``/``true``/``no``."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+# --- Security -------------------------------------------------------------
+
+DEVELOPMENT_SECRET_KEY = "django-insecure-turtlemq-development-only"
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = os.environ.get("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
+ALLOWED_HOSTS = [
+    host.strip() for host in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if host.strip()
+]
+
+if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
+    # Refuse to serve production traffic with a key everybody can read.
+    raise ImproperlyConfigured(
+        "DEBUG is off but SECRET_KEY is the development default: set SECRET_KEY in the environment."
+    )
+
+# --- Applications ---------------------------------------------------------
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "broker",
+    "subscriptions",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "turtlemq_site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "turtlemq_site.asgi.application"
+
+# --- Database: the source of truth ----------------------------------------
+
+SQLITE_PATH = os.environ.get("TURTLEMQ_SQLITE_PATH", str(BASE_DIR / "db.sqlite3"))
+
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SQLITE_PATH,
+            "OPTIONS": {
+                # IMMEDIATE takes the write lock when a transaction begins, so
+                # read-then-write transactions never fail half way with
+                # "database is locked"; WAL lets readers run beside the writer.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer: the doorbell ------------------------------------------
+
+if os.environ.get("REDIS_URL"):
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [os.environ["REDIS_URL"]],
+                # A separate prefix lets several TurtleMQ installations (or
+                # test runs) share one Redis without hearing each other.
+                "prefix": os.environ.get("TURTLEMQ_REDIS_PREFIX", "turtlemq"),
+                "capacity": 10_000,
+                "expiry": 60,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # A client may have thousands of results in flight; the default
+            # capacity of 100 would drop their doorbells.
+            "CONFIG": {"capacity": 10_000, "expiry": 60},
+        }
+    }
+
+# --- Internationalisation, static files -----------------------------------
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "turtlemq": {"handlers": ["console"], "level": os.environ.get("TURTLEMQ_LOG_LEVEL", "INFO")},
+    },
+}
+
+# --- TurtleMQ broker ------------------------------------------------------
+
+# Largest accepted WebSocket frame; larger ones close the connection with 1009.
+TURTLEMQ_MAX_FRAME_BYTES = env_int("TURTLEMQ_MAX_FRAME_BYTES", 1024 * 1024)
+# How often a task may fail (FAIL_TASK) before its client gets TASK_FAILED.
+TURTLEMQ_MAX_ATTEMPTS = env_int("TURTLEMQ_MAX_ATTEMPTS", 3)
+# Delay before the first retry of a failed task; it doubles with each failure.
+TURTLEMQ_RETRY_BACKOFF = env_float("TURTLEMQ_RETRY_BACKOFF", 1.0)
+# Seconds between a broker process's heartbeats, and how long a silent
+# process may stay silent before the others take back what its workers hold.
+TURTLEMQ_HEARTBEAT_INTERVAL = env_float("TURTLEMQ_HEARTBEAT_INTERVAL", 5.0)
+TURTLEMQ_PROCESS_DEAD_AFTER = env_float("TURTLEMQ_PROCESS_DEAD_AFTER", 15.0)
+# How often each broker process looks for due retries and dead processes.
+TURTLEMQ_TICK = env_float("TURTLEMQ_TICK", 1.0)
