@@ -24,7 +24,7 @@ migrate: $(VENV)/.runtime
 	$(BIN)/python manage.py migrate --noinput
 
 run: migrate
-	$(BIN)/daphne -b $(HOST) -p $(PORT) --websocket_max_message_size $(MAX_FRAME_BYTES) turtlemq_site.asgi:application
+	$(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(MAX_FRAME_BYTES) turtlemq_site.asgi:application
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

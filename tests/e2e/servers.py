@@ -1,0 +1,200 @@
+"""Real broker processes for end-to-end tests.
+
+A :class:`Stack` is a database, a channel layer and one or more daphne
+processes serving ``turtlemq_site.asgi``: the embedded default (SQLite file,
+in-memory layer, one process) or PostgreSQL + Redis with two processes, where
+clients talk to one and workers to the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POSTGRES_ADMIN_DSN = os.environ.get("TURTLEMQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TURTLEMQ_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+# Quick failure detection so that tests about dead processes finish fast.
+FAST_HOUSEKEEPING = {
+    "TURTLEMQ_TICK": "0.2",
+    "TURTLEMQ_HEARTBEAT_INTERVAL": "0.5",
+    "TURTLEMQ_PROCESS_DEAD_AFTER": "3",
+    "TURTLEMQ_RETRY_BACKOFF": "0.2",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_missing(what: str) -> None:
+    """Skip on a developer machine without the service; fail under CI, where it must exist."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is required under CI=true but is not reachable")
+    pytest.skip(f"{what} is not reachable")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
+    env["DJANGO_SETTINGS_MODULE"] = "turtlemq_site.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(FAST_HOUSEKEEPING)
+    return env
+
+
+@dataclass
+class BrokerServer:
+    """One daphne process serving the broker."""
+
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 20.0) -> BrokerServer:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "daphne",
+                "-b", "127.0.0.1", "-p", str(self.port),
+                "--websocket-max-message-size", self.env.get("TURTLEMQ_MAX_FRAME_BYTES", str(1024 * 1024)),
+                "turtlemq_site.asgi:application",
+            ],
+            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.process.returncode}; see {self.log_path}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"broker on port {self.port} did not become healthy; see {self.log_path}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """Die without cleaning up, as a crashed process would."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> BrokerServer:
+        """Start again on the same port, as an operator restarting the service."""
+        self.stop()
+        return self.start()
+
+
+@dataclass
+class Stack:
+    """A database + channel layer and the broker processes that share them."""
+
+    name: str
+    env: dict[str, str]
+    servers: list[BrokerServer]
+
+    @property
+    def client_url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def worker_url(self) -> str:
+        return self.servers[-1].url
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess:
+        """Run ``manage.py`` against this stack's database."""
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def embedded_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """SQLite and the in-memory layer in one broker process: the default with nothing set."""
+    env = _base_env() | {"TURTLEMQ_SQLITE_PATH": str(tmp_path / "broker.sqlite3")} | (extra_env or {})
+    stack = Stack("embedded", env, [BrokerServer(env, log_path=tmp_path / "broker.log")])
+    stack.manage("migrate", "--noinput")
+    try:
+        for server in stack.servers:
+            server.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@contextlib.contextmanager
+def postgres_redis_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A fresh PostgreSQL database and a Redis prefix shared by two broker processes."""
+    import psycopg
+    import redis
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        service_missing(f"PostgreSQL ({POSTGRES_ADMIN_DSN})")
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError:
+        admin.close()
+        service_missing(f"Redis ({REDIS_URL})")
+
+    name = f"turtlemq_e2e_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    database_url = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    env = _base_env() | {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
+    env |= extra_env or {}
+    stack = Stack(
+        "postgres_redis",
+        env,
+        [
+            BrokerServer(env, log_path=tmp_path / "broker-clients.log"),
+            BrokerServer(env, log_path=tmp_path / "broker-workers.log"),
+        ],
+    )
+    try:
+        stack.manage("migrate", "--noinput")
+        for server in stack.servers:
+            server.start()
+        yield stack
+    finally:
+        stack.stop()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
