@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MAX_FRAME_BYTES ?= 1048576
+TEST_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/postgres
+TEST_REDIS ?= redis://127.0.0.1:6379/0
 
 .PHONY: run test lint migrate clean
 
@@ -29,10 +31,19 @@ run: migrate
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 
+# The suite runs twice: on the embedded default (the end-to-end tests start
+# both stacks themselves), then the in-process tests on PostgreSQL + Redis.
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python -m pytest
+	@TURTLEMQ_TEST_POSTGRES=$(TEST_POSTGRES) TURTLEMQ_TEST_REDIS=$(TEST_REDIS) $(BIN)/python -m tests.services; \
+	status=$$?; \
+	if [ $$status -eq 0 ]; then \
+		echo "--- in-process tests again on PostgreSQL + Redis"; \
+		DATABASE_URL=$(TEST_POSTGRES) REDIS_URL=$(TEST_REDIS) TURTLEMQ_REDIS_PREFIX=turtlemq-test-$$$$ \
+			$(BIN)/python -m pytest -m "not e2e"; \
+	elif [ $$status -eq 2 ]; then exit 1; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

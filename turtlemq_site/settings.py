@@ -108,6 +108,11 @@ SQLITE_PATH = os.environ.get("TURTLEMQ_SQLITE_PATH", str(BASE_DIR / "db.sqlite3"
 
 if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600)}
+    # Test runs create their own database; a per-process name lets several
+    # runs share one PostgreSQL server without dropping each other's.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.environ.get("TURTLEMQ_TEST_DATABASE_NAME", f"test_turtlemq_{os.getpid()}"),
+    }
 else:
     DATABASES = {
         "default": {
