@@ -107,6 +107,22 @@ class Connection(models.Model):
         return f"{self.role} {name}"
 
 
+class WorkerConnection(Connection):
+    """Worker connections, for their own page in the admin (the rows are ``Connection`` rows)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "worker"
+
+
+class ClientConnection(Connection):
+    """Client connections, for their own page in the admin (the rows are ``Connection`` rows)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "client"
+
+
 class TaskQuerySet(models.QuerySet["Task"]):
     def queued(self) -> TaskQuerySet:
         return self.filter(state=Task.State.QUEUED)
