@@ -293,34 +293,31 @@ def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Ef
 
 
 def complete_task(worker_id: int, task_id: str, result: str) -> Effects:
-    """A worker returned the result of a task it holds: store it, free the slot, assign more.
+    """A worker returned the result of a task it holds: store it and refill the worker's slot.
 
     Raises :class:`UnknownTask` (changing nothing) when the worker does not hold it.
     """
     now = timezone.now()
     with transaction.atomic():
-        reply_channel, message_id = _lock_held(worker_id, task_id, "reply_channel", "message_id")
+        reply_channel, message_id, worker_channel = _lock_held(
+            worker_id, task_id, "reply_channel", "message_id", "worker__channel_name"
+        )
         Task.objects.filter(pk=int(task_id)).update(
             state=Task.State.DONE, result=result, finished_at=now, lease_expires_at=None
         )
-        _free_slot(worker_id, now)
         outcome = Outcome(reply_channel, int(task_id), message_id, True, result)
-        return Effects(assignments=_assign(now), outcomes=[outcome])
+        return Effects(assignments=_refill_slot(worker_id, worker_channel, now), outcomes=[outcome])
 
 
 def fail_task(worker_id: int, task_id: str, error: str) -> Effects:
     """A worker reported a failure: retry after a backoff, or give up after the last attempt."""
     now = timezone.now()
     with transaction.atomic():
-        reply_channel, message_id, failures, max_attempts = _lock_held(
-            worker_id, task_id, "reply_channel", "message_id", "failures", "max_attempts"
+        reply_channel, message_id, failures, max_attempts, worker_channel = _lock_held(
+            worker_id, task_id, "reply_channel", "message_id", "failures", "max_attempts", "worker__channel_name"
         )
-        effects = Effects(
-            outcomes=_record_failure(int(task_id), reply_channel, message_id, failures + 1, max_attempts, error, now)
-        )
-        _free_slot(worker_id, now)
-        effects.assignments.extend(_assign(now))
-        return effects
+        outcomes = _record_failure(int(task_id), reply_channel, message_id, failures + 1, max_attempts, error, now)
+        return Effects(assignments=_refill_slot(worker_id, worker_channel, now), outcomes=outcomes)
 
 
 def touch_task(worker_id: int, task_id: str) -> None:
@@ -369,6 +366,27 @@ def _lock_held(worker_id: int, task_id: str, *fields: str) -> tuple:
         held = [(str(pk), data) for pk, data in Task.objects.held_by(worker_id).values_list("pk", "data")]
         raise UnknownTask(task_id, held)
     return row
+
+
+def _refill_slot(worker_id: int, worker_channel: str, now: datetime) -> list[Assignment]:
+    """A worker just finished a task: hand it the oldest due task instead, or free its slot.
+
+    Any due task would already have gone to a worker idle for longer, had
+    there been one, so the worker that frees up is the right one to take it.
+    The slot stays taken, which saves updating the worker row.
+    """
+    candidate = Task.objects.due(now).select_for_update(skip_locked=True).values_list("pk", "data", "timeout").first()
+    if candidate is not None:
+        pk, data, timeout = candidate
+        lease = now + timedelta(seconds=timeout) if timeout is not None else None
+        claimed = Task.objects.queued().filter(pk=pk).update(
+            state=Task.State.ASSIGNED, worker_id=worker_id, assigned_at=now, attempts=F("attempts") + 1,
+            lease_expires_at=lease,
+        )  # fmt: skip
+        if claimed:
+            return [Assignment(worker_channel, str(pk), data)]
+    _free_slot(worker_id, now)
+    return []
 
 
 def _free_slot(worker_id: int, now: datetime) -> None:
@@ -529,21 +547,20 @@ def cancel_tasks(task_ids: list[int], reason: str = "cancelled by an operator") 
     return effects
 
 
-def requeue_tasks(task_ids: list[int]) -> Effects:
-    """Put tasks back in the queue.
+def requeue_tasks(task_ids: list[int]) -> tuple[int, Effects]:
+    """Put tasks back in the queue; returns how many went back (queued and done tasks stay as they are).
 
     Failed or cancelled tasks start again with fresh attempts; assigned ones are
     taken from their worker (whose late result is then refused).
     """
     now = timezone.now()
     with transaction.atomic():
-        for pk, worker_id in (
-            Task.objects.select_for_update().assigned().filter(pk__in=task_ids).values_list("pk", "worker_id")
-        ):
+        taken = list(Task.objects.select_for_update().assigned().filter(pk__in=task_ids).values_list("pk", "worker_id"))
+        for pk, worker_id in taken:
             Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
             if worker_id is not None:
                 _free_slot(worker_id, now)
-        Task.objects.filter(pk__in=task_ids, state__in=(Task.State.FAILED, Task.State.CANCELLED)).update(
+        restarted = Task.objects.filter(pk__in=task_ids, state__in=(Task.State.FAILED, Task.State.CANCELLED)).update(
             state=Task.State.QUEUED,
             worker=None,
             failures=0,
@@ -553,22 +570,32 @@ def requeue_tasks(task_ids: list[int]) -> Effects:
             not_before=None,
             lease_expires_at=None,
         )
-        return Effects(assignments=_assign(now))
+        return len(taken) + restarted, Effects(assignments=_assign(now))
 
 
-def requeue_orphans() -> tuple[int, Effects]:
-    """Release tasks held by connections that are gone; returns how many went back to the queue."""
+def requeue_orphans(assign: bool = True) -> tuple[int, Effects]:
+    """Release tasks held by connections that are gone; returns how many went back to the queue.
+
+    Broker processes silent for longer than ``TURTLEMQ_PROCESS_DEAD_AFTER`` are
+    reaped in the same transaction, so their workers' tasks are counted too.
+    With ``assign=False`` the tasks wait for the broker processes' next
+    housekeeping round: for a caller whose channel layer cannot reach them.
+    """
     now = timezone.now()
     cutoff = now - timedelta(seconds=settings.TURTLEMQ_PROCESS_DEAD_AFTER)
-    effects = _reap_processes(list(BrokerProcess.objects.silent_since(cutoff).values_list("pk", flat=True)), now)
     with transaction.atomic():
-        orphans = list(Task.objects.orphaned().select_for_update().values_list("pk", "worker_id"))
-        for pk, worker_id in orphans:
-            Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
+        BrokerProcess.objects.silent_since(cutoff).update(stopped_at=now)
+        # Lock only the task rows: PostgreSQL refuses FOR UPDATE on the
+        # nullable side of the outer joins that orphaned() needs.
+        orphans = list(Task.objects.orphaned().select_for_update(of=("self",)).values_list("pk", "worker_id"))
+        Task.objects.filter(pk__in=[pk for pk, _ in orphans]).update(
+            state=Task.State.QUEUED, worker=None, lease_expires_at=None
+        )
+        Connection.objects.live().filter(process__stopped_at__isnull=False).update(disconnected_at=now, in_flight=0)
+        for _, worker_id in orphans:
             if worker_id is not None:
                 Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
-        effects.assignments.extend(_assign(now))
-    return len(orphans), effects
+        return len(orphans), Effects(assignments=_assign(now) if assign else [])
 
 
 def purge_finished_tasks(older_than: timedelta) -> int:

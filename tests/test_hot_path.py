@@ -1,0 +1,98 @@
+"""The cost of one task from submit to result: database statements and layer messages.
+
+Not a timing test: it counts work, so that a change that adds a query or a
+channel-layer hop to the hot path shows up as a failing number.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.db.backends.signals import connection_created
+
+from turtlemq_site.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Statements per task today (see the closing notes for the breakdown); a
+# change that raises them should be a deliberate one.
+MAX_STATEMENTS_PER_TASK = 10
+MAX_LAYER_MESSAGES_PER_TASK = 2
+
+
+class StatementCounter:
+    """Counts SQL statements on every database connection, in every thread.
+
+    Transaction control is left out (SQLite's BEGIN IMMEDIATE passes through
+    here, PostgreSQL's BEGIN and COMMIT do not), so the figure is the same on both.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.active = False
+        self._lock = threading.Lock()
+
+    def __call__(self, execute, sql, params, many, context):
+        if self.active and not sql.startswith("BEGIN"):
+            with self._lock:
+                self.counts[sql.split()[0].upper()] += 1
+        return execute(sql, params, many, context)
+
+    def install(self, sender, connection, **kwargs) -> None:
+        connection.execute_wrappers.append(self)
+
+
+async def registered(path: str, frame: dict) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(application, path)
+    assert (await communicator.connect())[0]
+    await communicator.send_json_to(frame)
+    assert await communicator.receive_json_from(timeout=10) == frame
+    return communicator
+
+
+async def test_a_task_costs_few_statements_and_two_layer_messages(monkeypatch, settings):
+    settings.TURTLEMQ_TICK = 3600  # keep housekeeping statements out of the count
+    counter = StatementCounter()
+    connection_created.connect(counter.install)
+    layer = get_channel_layer()
+    layer_messages: Counter[str] = Counter()
+    real_send = layer.send
+
+    async def counting_send(channel, message):
+        if counter.active:
+            layer_messages[message["type"]] += 1
+        await real_send(channel, message)
+
+    monkeypatch.setattr(layer, "send", counting_send)
+    try:
+        worker = await registered("/", {"type": "REGISTER_WORKER", "data": ""})
+        client = await registered("/", {"type": "REGISTER_CLIENT", "data": ""})
+        rounds = 20
+
+        async def round_trip(n: int) -> None:
+            await client.send_json_to({"type": "REQUEST_TASK", "messageId": f"m{n}", "data": "x"})
+            task = await worker.receive_json_from(timeout=10)
+            await worker.send_json_to({"type": "RESPONSE_TASK", "taskId": task["taskId"], "data": "X"})
+            assert (await client.receive_json_from(timeout=10))["messageId"] == f"m{n}"
+
+        # Count from after the first result to after the last one: each window
+        # holds one whole task, including the delivery mark of the one before.
+        await round_trip(0)
+        counter.active = True
+        for n in range(1, rounds + 1):
+            await round_trip(n)
+        counter.active = False
+        await client.disconnect()
+        await worker.disconnect()
+    finally:
+        connection_created.disconnect(counter.install)
+
+    statements = sum(counter.counts.values()) / rounds
+    messages = sum(layer_messages.values()) / rounds
+    print(f"per task: {statements:.1f} SQL statements {dict(counter.counts)}, {messages:.1f} layer messages")
+    assert statements <= MAX_STATEMENTS_PER_TASK
+    assert messages <= MAX_LAYER_MESSAGES_PER_TASK
