@@ -191,3 +191,25 @@ TURTLEMQ_HEARTBEAT_INTERVAL = env_float("TURTLEMQ_HEARTBEAT_INTERVAL", 5.0)
 TURTLEMQ_PROCESS_DEAD_AFTER = env_float("TURTLEMQ_PROCESS_DEAD_AFTER", 15.0)
 # How often each broker process looks for due retries and dead processes.
 TURTLEMQ_TICK = env_float("TURTLEMQ_TICK", 1.0)
+
+# --- Topics and e-mail notification (subscriptions) -------------------------
+
+# SMTP comes from the environment only: no address or credential lives here.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 30.0)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "TurtleMQ <turtlemq@localhost>")
+# The base URL people reach this server at; unsubscribe links point there.
+TURTLEMQ_PUBLIC_URL = os.environ.get("TURTLEMQ_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+# How many of the newest messages a topic's content (SUBSCRIBED.data) holds.
+TURTLEMQ_TOPIC_CONTENT_MESSAGES = env_int("TURTLEMQ_TOPIC_CONTENT_MESSAGES", 50)
+# send_notifications: tries per e-mail, the first retry delay (doubling after
+# each failure), and how long a claimed e-mail stays reserved for its sender.
+TURTLEMQ_EMAIL_MAX_ATTEMPTS = env_int("TURTLEMQ_EMAIL_MAX_ATTEMPTS", 6)
+TURTLEMQ_EMAIL_RETRY_BACKOFF = env_float("TURTLEMQ_EMAIL_RETRY_BACKOFF", 30.0)
+TURTLEMQ_EMAIL_LEASE = env_float("TURTLEMQ_EMAIL_LEASE", 300.0)
