@@ -15,6 +15,10 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from broker.routing import websocket_urlpatterns  # noqa: E402
 
+from .daphne_closes import install as install_daphne_closes  # noqa: E402
+
+install_daphne_closes()  # close codes 1003 and 1009 under daphne
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
