@@ -74,6 +74,10 @@ class Backoff:
         base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
         return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
 
+    async def wait(self, delay: float) -> None:
+        """Wait before a reconnection attempt; override to pause or pace reconnections."""
+        await asyncio.sleep(delay)
+
 
 def url_with_token(url: str, token: str | None) -> str:
     """The broker URL with the access key as its ``token`` query parameter (PROTOCOL.md, Access control)."""
@@ -299,7 +303,7 @@ class Connection:
                     self._fatal = ConnectionLost(f"could not connect to {self.url}: {last_error}")
                     return
                 logger.info("reconnecting to %s in %.2f s (%s)", self.url, delay, last_error)
-                await asyncio.sleep(delay)
+                await self.backoff.wait(delay)
         finally:
             if self._fatal is None:
                 self._fatal = ConnectionLost("the connection was closed")
