@@ -279,7 +279,10 @@ def submit_task(
         if client_id is None:
             raise
         with transaction.atomic():
-            return _existing_outcome(reply_channel, client_id, message_id) or Effects()
+            replay = _existing_outcome(reply_channel, client_id, message_id)
+        if replay is None:
+            raise  # some other constraint failed: never report a lost task as a repeat
+        return replay
 
 
 def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Effects | None:
@@ -343,7 +346,9 @@ def expire_leases(now: datetime) -> Effects:
             effects.outcomes.extend(
                 _record_failure(pk, reply_channel, message_id, failures + 1, max_attempts, "lease expired", now)
             )
-            Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
+            # The slot is free from now on: a silent worker must not count as
+            # idle since before its lease, or it would get the task straight back.
+            _free_slot(worker_id, now)
             effects.assignments.extend(_assign(now))
     return effects
 
