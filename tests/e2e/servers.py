@@ -8,12 +8,17 @@ clients talk to one and workers to the other.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -71,6 +76,11 @@ class BrokerServer:
         return f"ws://127.0.0.1:{self.port}/"
 
     def start(self, timeout: float = 20.0) -> BrokerServer:
+        self.launch()
+        return self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (see :meth:`wait_healthy`)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [
@@ -81,6 +91,12 @@ class BrokerServer:
             ],
             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        if log is not subprocess.DEVNULL:
+            log.close()  # the child has its own copy
+
+    def wait_healthy(self, timeout: float = 20.0) -> BrokerServer:
+        """Wait until ``/healthz`` answers 200; fail if the process exits first."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -95,9 +111,17 @@ class BrokerServer:
         raise RuntimeError(f"broker on port {self.port} did not become healthy; see {self.log_path}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        self.send_signal(sig)
+        self.wait_stopped(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Wait for the process to end; kill it if it does not within ``timeout``."""
+        if self.process is None:
             return
-        self.process.send_signal(sig)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -141,20 +165,85 @@ class Stack:
             text=True,
         )
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        """Start every broker process (side by side) and wait until all are healthy."""
         for server in self.servers:
-            server.stop()
+            server.launch()
+        for server in self.servers:
+            server.wait_healthy()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop every broker process with ``sig``; all of them receive it before any is waited for."""
+        for server in self.servers:
+            server.send_signal(sig)
+        for server in self.servers:
+            server.wait_stopped()
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop every broker process with ``sig``, then start them all again on their ports.
+
+        All of them are down at once, as in an outage or a redeploy.
+        """
+        self.stop(sig)
+        self.start()
+
+
+# --- migrated databases, made once per test session -------------------------
+# Migrating takes about as long as starting a broker; each stack copies the
+# result instead (a file for SQLite, a template database for PostgreSQL).
+
+
+def _postgres_url(database: str) -> str:
+    return POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + f"/{database}"
+
+
+def _migrate(env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"migrate failed with {done.returncode}:\n{done.stdout}{done.stderr}")
+
+
+@functools.cache
+def _migrated_sqlite() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="turtlemq-e2e-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "migrated.sqlite3"
+    _migrate(_base_env() | {"TURTLEMQ_SQLITE_PATH": str(path)})
+    # Fold the write-ahead log into the file, so that copying the file copies everything.
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        database.execute("PRAGMA journal_mode=DELETE")
+    return path
+
+
+@functools.cache
+def _migrated_postgres_template() -> str:
+    import psycopg
+
+    name = f"turtlemq_e2e_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    atexit.register(_drop_postgres_database, name)
+    _migrate(_base_env() | {"DATABASE_URL": _postgres_url(name)})
+    return name
+
+
+def _drop_postgres_database(name: str) -> None:
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error), psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
 def embedded_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """SQLite and the in-memory layer in one broker process: the default with nothing set."""
     env = _base_env() | {"TURTLEMQ_SQLITE_PATH": str(tmp_path / "broker.sqlite3")} | (extra_env or {})
+    shutil.copyfile(_migrated_sqlite(), tmp_path / "broker.sqlite3")
     stack = Stack("embedded", env, [BrokerServer(env, log_path=tmp_path / "broker.log")])
-    stack.manage("migrate", "--noinput")
     try:
-        for server in stack.servers:
-            server.start()
+        stack.start()
         yield stack
     finally:
         stack.stop()
@@ -177,8 +266,8 @@ def postgres_redis_stack(tmp_path: Path, extra_env: dict[str, str] | None = None
         service_missing(f"Redis ({REDIS_URL})")
 
     name = f"turtlemq_e2e_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    database_url = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_migrated_postgres_template()}"')
+    database_url = _postgres_url(name)
     env = _base_env() | {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
     env |= extra_env or {}
     stack = Stack(
@@ -190,9 +279,7 @@ def postgres_redis_stack(tmp_path: Path, extra_env: dict[str, str] | None = None
         ],
     )
     try:
-        stack.manage("migrate", "--noinput")
-        for server in stack.servers:
-            server.start()
+        stack.start()
         yield stack
     finally:
         stack.stop()
