@@ -145,7 +145,10 @@ async def cmd_topics(args: argparse.Namespace) -> int:
 
 
 async def cmd_publish(args: argparse.Namespace) -> int:
-    data = sys.stdin.read() if args.data == "-" else args.data
+    data = args.data
+    if data == "-":
+        data = sys.stdin.read()
+        data = data[:-1] if data.endswith("\n") else data  # the newline that ends the input is not the message's
     async with _one_shot(args) as connection:
         print(await connection.publish(args.topic, data))
     return 0
