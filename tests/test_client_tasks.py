@@ -166,3 +166,17 @@ async def test_a_client_that_cannot_reach_the_broker_gives_up_with_connection_lo
     with pytest.raises(ConnectionLost):
         await asyncio.wait_for(client.submit("nobody home"), 10)
     await client.close()
+
+
+async def test_a_worker_touching_its_task_keeps_it_past_the_lease(broker):
+    calls = 0
+
+    async def slow(data: str) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(2.5)  # the work itself: longer than the one-second lease
+        return f"{data} done"
+
+    async with Worker(broker.worker_url, slow, touch_every=0.3), Client(broker.client_url) as client:
+        assert await asyncio.wait_for(client.submit("long", timeout=1.0), 30) == "long done"
+    assert calls == 1

@@ -193,7 +193,8 @@ class Connection:
     async def send(self, frame: Frame, *, generation: int | None = None, opening: bool = False) -> bool:
         """Send a frame if the connection is ready (and still of ``generation``); return whether it was sent.
 
-        ``opening=True`` is for ``on_open``, which sends before the connection counts as ready.
+        ``opening=True`` also sends before the connection counts as ready: for ``on_open``, and for answers
+        that belong to the socket of ``generation`` whatever its state (a worker's results).
         """
         text = self.encode(frame)
         ws = self._ws

@@ -159,7 +159,7 @@ class Worker:
                 if toucher is not None:
                     toucher.cancel()
             # Only on the socket that received the task: on a new one the broker would not know it.
-            await self.connection.send(reply, generation=generation)
+            await self.connection.send(reply, generation=generation, opening=True)
         finally:
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
@@ -184,4 +184,4 @@ class Worker:
         assert self.touch_every is not None
         while True:
             await asyncio.sleep(self.touch_every)
-            await self.connection.send({"type": "TOUCH_TASK", "taskId": task_id}, generation=generation)
+            await self.connection.send({"type": "TOUCH_TASK", "taskId": task_id}, generation=generation, opening=True)
