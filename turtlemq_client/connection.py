@@ -22,7 +22,6 @@ is matched the same way through the ``type`` in its ``ref``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -143,8 +142,7 @@ class Connection:
             self._fatal = ConnectionLost("the connection was closed")
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await asyncio.wait([self._runner])  # whatever ended it, closing does not raise
         self._ready.set()  # wake waiters so that they see the closed state
 
     async def __aenter__(self) -> Connection:
