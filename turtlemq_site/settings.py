@@ -138,7 +138,10 @@ if os.environ.get("REDIS_URL"):
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [os.environ["REDIS_URL"]],
+                # redis-py 8 times reads out after 5 s by default, exactly the
+                # 5 s that channels-redis blocks in BZPOPMIN on an idle channel:
+                # an idle consumer would crash with TimeoutError. Read longer.
+                "hosts": [{"address": os.environ["REDIS_URL"], "socket_timeout": 30}],
                 # A separate prefix lets several TurtleMQ installations (or
                 # test runs) share one Redis without hearing each other.
                 "prefix": os.environ.get("TURTLEMQ_REDIS_PREFIX", "turtlemq"),
