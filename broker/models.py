@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import F, Q
+
+from subscriptions.names import is_pattern
 
 
 class BrokerProcessQuerySet(models.QuerySet["BrokerProcess"]):
@@ -221,3 +224,72 @@ class Task(models.Model):
     def task_id(self) -> str:
         """The broker's id for the task on the wire."""
         return str(self.pk)
+
+
+def validate_topic_patterns(value: str) -> None:
+    """Django validator for :attr:`AccessKey.topics`: one topic pattern per line."""
+    bad = [line.strip() for line in value.splitlines() if line.strip() and not is_pattern(line.strip())]
+    if bad:
+        raise ValidationError(
+            "Not a topic pattern: %(bad)s. Use dot-separated words of letters, digits, '_' and '-', or '*' and '#'.",
+            code="invalid_topic_pattern",
+            params={"bad": ", ".join(bad)},
+        )
+
+
+class AccessKeyQuerySet(models.QuerySet["AccessKey"]):
+    def active(self) -> AccessKeyQuerySet:
+        """Keys that have not been revoked."""
+        return self.filter(active=True)
+
+
+class AccessKey(models.Model):
+    """A credential a peer presents when access control is on (PROTOCOL.md, "Access control").
+
+    Only the SHA-256 of the key is stored: the key itself is shown once, when
+    it is made (``broker.access``). Its roles say which frames it may send;
+    ``topics`` may narrow publishing and subscribing to some topic patterns.
+    """
+
+    class Role(models.TextChoices):
+        CLIENT = "client"  # REGISTER_CLIENT, REQUEST_TASK
+        WORKER = "worker"  # REGISTER_WORKER, RESPONSE_TASK, FAIL_TASK, TOUCH_TASK
+        PUBLISHER = "publisher"  # PUBLISH (and the HTTP publish API)
+        SUBSCRIBER = "subscriber"  # LIST_TOPICS, SUBSCRIBE, UNSUBSCRIBE
+
+    name = models.CharField(max_length=100, help_text="Who or what uses the key.")
+    # The key's first characters (never secret), so that an operator can tell keys apart.
+    prefix = models.CharField(max_length=16, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False, help_text="SHA-256 of the key, in hex.")
+    client = models.BooleanField("client role", default=False, help_text="May submit tasks.")
+    worker = models.BooleanField("worker role", default=False, help_text="May take and answer tasks.")
+    publisher = models.BooleanField("publisher role", default=False, help_text="May publish to topics.")
+    subscriber = models.BooleanField(
+        "subscriber role", default=False, help_text="May list topics, subscribe and unsubscribe."
+    )
+    topics = models.TextField(
+        blank=True,
+        default="",
+        validators=[validate_topic_patterns],
+        help_text="Topic patterns (one per line; * is one word, # any words) this key may publish to and "
+        "subscribe within. Empty: every topic.",
+    )
+    active = models.BooleanField(default=True, help_text="Unticked, the key is revoked: it is refused.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, help_text="When a peer last presented it (to a minute).")
+
+    objects = AccessKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "access key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset(role for role in self.Role.values if getattr(self, role))
+
+    @property
+    def topic_patterns(self) -> tuple[str, ...]:
+        return tuple(line.strip() for line in self.topics.splitlines() if line.strip())
