@@ -7,6 +7,7 @@
     turtlemq publish TOPIC DATA        publish DATA (stdin with -) and print its id
     turtlemq status                    the broker's counts
     turtlemq menu                      the interactive menu of the MessageQueue-System client
+    turtlemq bench                     measure the broker (round trips, a burst of tasks, fan-out)
 
 ``--url`` (or ``TURTLEMQ_URL``) chooses the broker, ``--token`` (or ``TURTLEMQ_TOKEN``) the access key.
 """
@@ -22,6 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+from . import bench
 from .client import Client
 from .connection import DEFAULT_URL, Connection
 from .errors import TaskError, TaskFailed, TurtleMQError
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     menu = commands.add_parser("menu", parents=[connection], help="the interactive topics menu")
     menu.set_defaults(run=cmd_menu)
+
+    bench.add_parser(commands, [connection])
     return parser
 
 
@@ -283,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``turtlemq`` command."""
     args = parse_args(argv)
     try:
-        status = asyncio.run(_main(args))
+        status = getattr(args, "run_loop", asyncio.run)(_main(args))  # bench runs on uvloop when installed
     except KeyboardInterrupt:
         status = 130
     except asyncio.CancelledError:
