@@ -5,7 +5,9 @@ through the actions "Requeue" and "Cancel", which call the same domain
 functions as the broker (``broker.dispatch``) and then tell the peers
 concerned, so that a cancelled task's client gets TASK_FAILED and a requeued
 task goes to an idle worker. Workers, clients and broker processes are
-read-only: their rows belong to the running broker.
+read-only: their rows belong to the running broker. Access keys are made here
+(the new key is shown once, on the page after "Save"), changed and revoked;
+connections using a changed key pick up the change at once.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.translation import ngettext
 
-from . import dispatch, events
-from .models import BrokerProcess, ClientConnection, Connection, Task, WorkerConnection
+from . import access, dispatch, events
+from .models import AccessKey, BrokerProcess, ClientConnection, Connection, Task, WorkerConnection
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -407,3 +410,73 @@ class BrokerProcessAdmin(ReadOnlyAdmin):
     @admin.display(description="live clients", ordering="live_client_count")
     def live_clients(self, process: BrokerProcess) -> str:
         return _changelist_link(ClientConnection, process.live_client_count, process__id__exact=process.pk, live="yes")
+
+
+# --- access keys -------------------------------------------------------------------------
+
+
+@admin.register(AccessKey)
+class AccessKeyAdmin(admin.ModelAdmin):
+    """Access keys: make one (its key is shown once), change its roles and topics, revoke it."""
+
+    list_display = ("name", "key_prefix", "roles_list", "topics_list", "active", "created_at", "last_used_at")
+    list_filter = ("active", "client", "worker", "publisher", "subscriber")
+    search_fields = ("name", "prefix")
+    ordering = ("-pk",)
+    actions = ("revoke",)
+    fieldsets = (
+        (None, {"fields": ("name", "key_prefix", "active")}),
+        ("Roles", {"fields": ("client", "worker", "publisher", "subscriber")}),
+        ("Topics", {"fields": ("topics",)}),
+        ("Use", {"fields": ("created_at", "last_used_at")}),
+    )
+    readonly_fields = ("key_prefix", "created_at", "last_used_at")
+
+    @admin.display(description="key", ordering="prefix")
+    def key_prefix(self, access_key: AccessKey) -> str:
+        return f"{access_key.prefix}..." if access_key.prefix else "(made when saved, shown once)"
+
+    @admin.display(description="roles")
+    def roles_list(self, access_key: AccessKey) -> str:
+        return ", ".join(sorted(access_key.roles)) or "-"
+
+    @admin.display(description="topics")
+    def topics_list(self, access_key: AccessKey) -> str:
+        return ", ".join(access_key.topic_patterns) or "all"
+
+    def get_fieldsets(self, request: HttpRequest, obj: AccessKey | None = None) -> Any:
+        if obj is None:  # a new key: nothing to show about its use yet
+            return [(name, options) for name, options in self.fieldsets if name != "Use"]
+        return self.fieldsets
+
+    def has_delete_permission(self, request: HttpRequest, obj: AccessKey | None = None) -> bool:
+        return False  # revoke instead: the row keeps the key's history (and its prefix to recognise it)
+
+    def save_model(self, request: HttpRequest, obj: AccessKey, form: Any, change: bool) -> None:
+        if change:
+            obj.save()
+            # Connections using the key adopt the new roles and topics, or close if it was revoked.
+            transaction.on_commit(lambda: access.announce_key_changes_from_sync([obj.pk]))
+        else:
+            obj._plaintext_key = access.issue_key(obj)  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: AccessKey, post_url_continue: str | None = None) -> HttpResponse:
+        """Show the new key on its own page, the only time it is ever shown (it is not stored)."""
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Access key created",
+            "access_key": obj,
+            "key": obj._plaintext_key,  # type: ignore[attr-defined]
+            "change_url": reverse("admin:broker_accesskey_change", args=[obj.pk]),
+        }
+        # The admin's views send "Cache-Control: no-store": the one copy of the key stays out of caches.
+        return TemplateResponse(request, "admin/broker/accesskey/key_created.html", context)
+
+    @admin.action(description="Revoke the selected access keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[AccessKey]) -> None:
+        """Revoked keys are refused; connections using them get UNAUTHORIZED and are closed (4401)."""
+        revoked = access.revoke_keys(queryset.values_list("pk", flat=True))
+        transaction.on_commit(lambda: access.announce_key_changes_from_sync(revoked))
+        message = ngettext("%(count)d access key was revoked.", "%(count)d access keys were revoked.", len(revoked))
+        self.message_user(request, message % {"count": len(revoked)}, messages.SUCCESS)
