@@ -270,22 +270,23 @@ def pattern_covers(outer: str, inner: str) -> bool:
 
     Both patterns are read as automata over words; words that neither names
     behave alike, so one stand-in word represents them all, and the check is a
-    search of the pair of (determinised) automata for a name ``inner``
-    accepts and ``outer`` does not. Patterns are short, so this stays small.
+    search of the pair of (determinised) automata for a name (of one word or
+    more) that ``inner`` accepts and ``outer`` does not. Patterns are short, so
+    this stays small.
     """
     if not (is_pattern(outer) and is_pattern(inner)):
         return False
     outer_tokens, inner_tokens = tuple(outer.split(".")), tuple(inner.split("."))
     literals = {t for t in outer_tokens + inner_tokens if t not in (ONE_WORD, ANY_WORDS)}
     alphabet = [*literals, None]  # None stands for any other word
-    start = (_closure(inner_tokens, {0}), _closure(outer_tokens, {0}))
+    start = (_closure(inner_tokens, {0}), _closure(outer_tokens, {0}), False)
     seen, pending = {start}, [start]
     while pending:
-        inner_states, outer_states = pending.pop()
-        if len(inner_tokens) in inner_states and len(outer_tokens) not in outer_states:
+        inner_states, outer_states, some_words = pending.pop()
+        if some_words and len(inner_tokens) in inner_states and len(outer_tokens) not in outer_states:
             return False  # a name that inner matches and outer does not
         for word in alphabet:
-            following = (_step(inner_tokens, inner_states, word), _step(outer_tokens, outer_states, word))
+            following = (_step(inner_tokens, inner_states, word), _step(outer_tokens, outer_states, word), True)
             if following[0] and following not in seen:
                 seen.add(following)
                 pending.append(following)
