@@ -274,7 +274,11 @@ async def run_w2(args: argparse.Namespace, progress: Progress, label: str) -> di
         await workers.stop()
     answered = [call for call in calls if call.done() and not call.cancelled()]
     correct = sum(1 for data, call in zip(payloads, calls, strict=True) if _result(call) == data.upper())
-    failed = [call.exception() for call in answered if call.exception() is not None]
+    failed = [str(call.exception()) for call in answered if call.exception() is not None]
+    if pending:
+        failed.append(f"timed out after {args.timeout:g} s with {len(answered):,} of {args.tasks:,} answered")
+    elif correct < args.tasks:
+        failed.append(f"{args.tasks - correct:,} of {args.tasks:,} results missing or wrong")
     return {
         "tasks_per_s": round(len(answered) / wall, 1),
         "wall_s": round(wall, 3),
@@ -283,7 +287,7 @@ async def run_w2(args: argparse.Namespace, progress: Progress, label: str) -> di
         "correct": correct,
         "unexpected_results": client.unexpected,
         "timed_out": bool(pending),
-        "first_error": str(failed[0]) if failed else None,
+        "first_error": failed[0] if failed else None,
         "ok": correct == args.tasks and client.unexpected == 0,
     }
 

@@ -1,0 +1,1 @@
+"""``make bench``: TurtleMQ measured beside the reference systems (see ``bench/run.py``)."""

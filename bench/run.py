@@ -1,0 +1,356 @@
+"""``make bench``: TurtleMQ on its stacks beside the references, measured in one run, within ten minutes.
+
+    python -m bench.run [--duration 5] [--timeout 30] [--idle 5000] [--note TEXT] [--no-results]
+
+1. TurtleMQ, started here on free loopback ports: the embedded default on daphne
+   and on uvicorn, then PostgreSQL + Redis with two processes (clients and the
+   publisher on the first, workers on the second, subscribers on both), each
+   measured with ``turtlemq bench`` (W1, W2, W3, every result verified); then
+   5,000 idle subscriber connections held on each embedded process, for its
+   resident memory per connection.
+2. The references, with the shared harness on the same workloads: the bare
+   ``websockets`` relay, the lean in-process Channels relay on each server,
+   RabbitMQ, Celery + Redis. A missing service or library skips its row.
+3. The tables (figures, ratios, the issue's targets, memory), printed and
+   appended as a dated section to ``bench/RESULTS.md``.
+
+A step that would not fit in what is left of the time budget is skipped and
+says so in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import references, report
+from bench.report import Memory, Row
+from bench.stacks import (
+    REPO,
+    SERVERS,
+    Stack,
+    Unavailable,
+    channels_relay_server,
+    embedded_stack,
+    postgres_redis_stack,
+    raise_open_files_limit,
+    ws_relay_server,
+)
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+class Budget:
+    """The run's time limit: a step starts only if its estimate fits in what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def allows(self, estimate: float) -> bool:
+        return time.monotonic() + estimate <= self.deadline
+
+
+STARTED = time.monotonic()
+IDLE_TOPIC = "Django"  # a starter topic, there from the migrations
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.monotonic() - STARTED:5.0f} s] {text}", file=sys.stderr, flush=True)
+
+
+def rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def read_line(process: subprocess.Popen, word: str, timeout: float) -> str:
+    """The rest of the child's next stdout line starting with ``word``, waiting at most ``timeout``."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+            raise TimeoutError(f"no {word} within {timeout:g} s")
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"ended (status {process.wait()}) before {word}")
+        if line.startswith(word):
+            return line[len(word) :].strip()
+
+
+# --- TurtleMQ ----------------------------------------------------------------------------------
+
+
+def create_topics(stack: Stack) -> str:
+    """Create topics A and B for W3; a note when that was not possible."""
+    for name in ("A", "B"):
+        done = stack.manage("create_topic", name)
+        if done.returncode:
+            return f"W3: `create_topic {name}` failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return ""
+
+
+def bench_tool(stack: Stack, options: argparse.Namespace) -> dict[str, Any]:
+    """``turtlemq bench --json`` against ``stack``; its report."""
+    sub_urls = [arg for server in stack.servers for arg in ("--sub-url", server.url)]
+    argv = [
+        sys.executable, "-m", "turtlemq_client", "bench", "--json", "--workload", "all",
+        "--url", stack.client_url, "--worker-url", stack.worker_url, *sub_urls,
+        "--duration", str(options.duration), "--timeout", str(options.timeout),
+    ]  # fmt: skip
+    # stderr (the progress bar) goes to the terminal; stdout is the JSON report.
+    done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=3 * options.timeout + 120)
+    return json.loads(done.stdout)
+
+
+def measure_turtlemq(stack: Stack, options: argparse.Namespace, key: str, memory: list[Memory]) -> Row:
+    row = Row(key, stack.label, turtlemq=True, server=stack.server)
+    log(f"TurtleMQ, {stack.label}")
+    try:
+        stack.start()
+    except (RuntimeError, OSError) as exc:
+        row.note = f"did not start: {exc}"
+        return row
+    notes: list[str] = []
+    try:
+        notes.append(create_topics(stack))
+        result = bench_tool(stack, options)
+        for workload, entry in result["workloads"].items():
+            summary = entry["reps"][0] | entry["summary"]
+            row.figures[workload] = summary
+            if not summary.get("ok"):
+                notes.append(f"{workload}: {summary.get('error') or summary.get('first_error')}")
+        if options.idle and len(stack.servers) == 1:
+            try:
+                memory.append(measure_idle(stack, options.idle))
+            except (RuntimeError, TimeoutError) as exc:
+                notes.append(f"idle connections: {exc}")
+    except (subprocess.SubprocessError, json.JSONDecodeError, RuntimeError, TimeoutError) as exc:
+        notes.append(f"failed: {exc}")
+    finally:
+        row.note = "; ".join(note for note in notes if note)
+        stack.stop()
+    return row
+
+
+def measure_idle(stack: Stack, count: int) -> Memory:
+    """Resident memory of the broker process before and after ``count`` more idle subscribers."""
+    log(f"{count:,} idle subscribers on {stack.label}")
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "bench.idle", stack.client_url, str(count), "--topic", IDLE_TOPIC],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None
+    try:
+        read_line(holder, "WARM", 120)
+        before = rss(stack.servers[0].pid)
+        holder.stdin.write("GO\n")
+        holder.stdin.flush()
+        read_line(holder, "HELD", 240)
+        after = rss(stack.servers[0].pid)
+        holder.stdin.write("STOP\n")
+        holder.stdin.flush()
+    finally:
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+    return Memory(f"embedded, {stack.server}", count, before, after)
+
+
+# --- references --------------------------------------------------------------------------------
+
+
+def reference_list(workdir: Path, servers: list[str]) -> list[tuple[references.Reference | None, Row]]:
+    """Every reference with its row; a reference that cannot run comes as ``None`` with a note."""
+    all_workloads = ("W1", "W2", "W3")
+    entries: list[tuple[references.Reference | None, Row]] = []
+
+    def add(key: str, label: str, make: Any) -> None:
+        try:
+            references.harness_available()
+            entries.append((make(), Row(key, label)))
+        except Unavailable as exc:
+            entries.append((None, Row(key, label, note=f"skipped: {exc}")))
+
+    add(
+        "ws-relay",
+        "bare websockets relay (ws_relay.py), no Django",
+        lambda: references.Reference("ws_relay", "ws", all_workloads, server=ws_relay_server(workdir)),
+    )
+    for server in servers:
+        add(
+            f"channels-relay-{server}",
+            f"Channels relay, lean + direct, {server}",
+            lambda server=server: references.Reference(
+                f"channels_relay_{server}", "ws", all_workloads, server=channels_relay_server(workdir, server)
+            ),
+        )
+
+    def rabbitmq() -> references.Reference:
+        references.check_rabbitmq()
+        return references.Reference("rabbitmq", "rabbitmq", all_workloads, url=references.RABBITMQ_URL)
+
+    def celery() -> references.Reference:
+        references.check_celery()
+        return references.Reference("celery", "celery", ("W1", "W2"), url=references.CELERY_URL)
+
+    add("rabbitmq", "RabbitMQ + aio-pika, transient messages", rabbitmq)
+    add("celery", "Celery + Redis", celery)
+    return entries
+
+
+def measure_reference(reference: references.Reference, row: Row, options: argparse.Namespace, budget: Budget) -> None:
+    log(f"reference: {row.label}")
+    if reference.server is not None:
+        try:
+            reference.server.launch()
+            reference.server.wait_ready()
+            reference.url = reference.server.url
+        except (RuntimeError, OSError) as exc:
+            reference.server.stop()
+            row.note = f"did not start: {exc}"
+            return
+    try:
+        for workload in reference.workloads:
+            if not budget.allows(options.duration + 30):
+                row.note = "some workloads skipped: time budget"
+                break
+            row.figures[workload] = references.run_harness(
+                reference, workload, vars(options), options.workdir / "harness.jsonl"
+            )
+    finally:
+        if reference.server is not None:
+            reference.server.stop()
+    errors = [f"{w}: {s['error']}" for w, s in row.figures.items() if s.get("error")]
+    row.note = "; ".join([row.note, *errors]).strip("; ")
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+        "commit": commit.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else ""),
+    }
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def section(options: argparse.Namespace, started: datetime.datetime, load_before: str, body: str) -> str:
+    info = machine()
+    command = " ".join(["python -m bench.run", *options.argv]) if options.argv else "python -m bench.run"
+    note = options.note or ""
+    return f"""
+## {started:%Y-%m-%d %H:%M} UTC: `make bench`
+
+- command: `make bench` (`{command}`); W1 {options.duration:g} s after a 1 s warm-up, W2 5,000 tasks, W3 1,000
+  messages to 100 of 200 subscribers; one repetition each; TurtleMQ with DEBUG off and access control off
+- commit: {info["commit"]}
+- machine: {info["nproc"]} cores (nproc), {info["cpu"]}, Python {info["python"]}, {info["system"]}
+- load average (1 / 5 / 15 min): {load_before} before the run, {load_average()} after it{note and f"; {note}"}
+
+{body}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="W1 seconds measured (default 5)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="W2/W3 give up after this long (default 30)")
+    parser.add_argument("--idle", type=int, default=5000, help="idle subscriber connections (0: skip)")
+    parser.add_argument("--budget", type=float, default=570.0, help="seconds the whole run may take (default 570)")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="ASGI servers to measure (default all)")
+    parser.add_argument("--no-references", action="store_true", help="measure TurtleMQ only")
+    parser.add_argument("--note", help="a remark for RESULTS.md, e.g. about other load on the machine")
+    parser.add_argument("--no-results", action="store_true", help=f"do not append to {RESULTS.relative_to(REPO)}")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their folder is printed)")
+    options = parser.parse_args()
+    options.argv = sys.argv[1:]
+    servers = [name for name in options.servers.split(",") if name]
+    raise_open_files_limit()
+    budget = Budget(options.budget)
+    started = datetime.datetime.now(datetime.UTC)
+    load_before = load_average()
+    options.workdir = Path(tempfile.mkdtemp(prefix="turtlemq-bench-"))
+    log(f"logs in {options.workdir}")
+    rows: list[Row] = []
+    memory: list[Memory] = []
+    try:
+        stack_estimate = 40 + options.duration + 2 * options.timeout
+        plans = [
+            (f"turtlemq-embedded-{server}", lambda server=server: embedded_stack(options.workdir, server))
+            for server in servers
+        ]
+        production = report.PRODUCTION_SERVER if report.PRODUCTION_SERVER in servers else servers[-1]
+        plans.append(
+            (f"turtlemq-postgres-redis-{production}", lambda: postgres_redis_stack(options.workdir, production))
+        )
+        for key, make in plans:
+            if not budget.allows(stack_estimate):
+                rows.append(Row(key, key.removeprefix("turtlemq-"), turtlemq=True, note="skipped: time budget"))
+                continue
+            try:
+                stack = make()
+            except Unavailable as exc:
+                rows.append(Row(key, key.removeprefix("turtlemq-"), turtlemq=True, note=f"skipped: {exc}"))
+                continue
+            rows.append(measure_turtlemq(stack, options, key, memory))
+        if not options.no_references:
+            for reference, row in reference_list(options.workdir, servers):
+                if reference is not None:
+                    measure_reference(reference, row, options, budget)
+                rows.append(row)
+    finally:
+        if not options.keep_logs:
+            shutil.rmtree(options.workdir, ignore_errors=True)
+    body = "\n\n".join(
+        [
+            report.figures_table(rows),
+            "Ratios (TurtleMQ's figure / the reference's; higher is better for TurtleMQ):",
+            report.ratios_table(rows),
+            f"The issue's targets (on {report.PRODUCTION_SERVER}, the production server):",
+            report.targets(rows, memory),
+            "Resident memory of idle subscriber connections (RSS delta / connections):",
+            report.memory_table(memory),
+        ]
+    )
+    text = section(options, started, load_before, body)
+    print(text)
+    if not options.no_results:
+        with RESULTS.open("a") as results:
+            results.write(text)
+        log(f"appended to {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
