@@ -11,12 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from subscriptions.protocol import TOPIC_PARSERS
 from tests.e2e.servers import REPO_ROOT, Stack, embedded_stack, free_port
 from turtlemq_client import Worker, publish
 
 pytestmark = pytest.mark.e2e
-topics_missing = pytest.mark.skipif("LIST_TOPICS" not in TOPIC_PARSERS, reason="topics not implemented yet")
 
 PIPE = asyncio.subprocess.PIPE
 
@@ -132,7 +130,6 @@ async def test_a_command_gives_up_on_an_unreachable_broker_with_an_error():
     assert err.startswith("turtlemq: error: could not connect to")
 
 
-@topics_missing
 async def test_topics_lists_the_topic_names(broker):
     status, out, _ = await run(broker.client_url, "topics")
     assert status == 0
@@ -140,7 +137,6 @@ async def test_topics_lists_the_topic_names(broker):
     assert names == sorted(names) and {"Django", "NodeJs", "React", "SpringBoot"} <= set(names)
 
 
-@topics_missing
 async def test_subscribe_prints_the_messages_that_publish_sends(broker):
     subscriber = await Cli.start(broker.client_url, "subscribe", "NodeJs", "--count", "2")
     try:
@@ -156,7 +152,6 @@ async def test_subscribe_prints_the_messages_that_publish_sends(broker):
         subscriber.kill()
 
 
-@topics_missing
 async def test_publishing_to_an_unknown_topic_fails_with_its_error_code(broker):
     status, out, err = await run(broker.client_url, "publish", "NoSuchTopic", "x")
     assert (status, out) == (1, "")
@@ -171,7 +166,6 @@ def active_email_subscriptions(stack: Stack, topic: str, address: str) -> int:
     return int(stack.manage("shell", "--no-imports", "-c", code).stdout)
 
 
-@topics_missing
 async def test_the_menu_driven_through_stdin_lists_subscribes_publishes_and_unsubscribes_on_quit(broker):
     address = "menu.user@example.com"
     menu = await Cli.start(broker.client_url, "menu")

@@ -8,16 +8,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from subscriptions.protocol import TOPIC_PARSERS
 from tests.e2e.conftest import stack  # noqa: F401  (the fixture: both stacks)
 from tests.e2e.servers import Stack
 from turtlemq_client import Backoff, Client, Message, Subscriber, Worker, publish
 
 from .test_client_tasks import eventually
 
-# Until the topics code lands, the topic frames are UNKNOWN_TYPE.
-topics_missing = pytest.mark.skipif("LIST_TOPICS" not in TOPIC_PARSERS, reason="topics not implemented yet")
-pytestmark = [pytest.mark.e2e, topics_missing]
+pytestmark = pytest.mark.e2e
 
 
 @dataclass(frozen=True)

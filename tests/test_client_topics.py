@@ -7,15 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from subscriptions.protocol import TOPIC_PARSERS
 from tests.e2e.servers import Stack, embedded_stack
 from turtlemq_client import BadEmail, Connection, Message, Subscriber, UnknownTopic, list_topics, publish
 
 from .test_client_tasks import eventually
 
-# Until the topics code lands, the topic frames are UNKNOWN_TYPE.
-topics_missing = pytest.mark.skipif("LIST_TOPICS" not in TOPIC_PARSERS, reason="topics not implemented yet")
-pytestmark = [pytest.mark.e2e, topics_missing]
+pytestmark = pytest.mark.e2e
 
 STARTER_TOPICS = ["Django", "NodeJs", "React", "SpringBoot"]
 
