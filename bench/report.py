@@ -57,10 +57,10 @@ def _cell(row: Row, workload: str, key: str, digits: int = 0) -> str:
     if summary.get(key) is None:
         return "failed" if summary.get("error") else ""
     text = _number(summary.get(key), digits)
-    if not summary.get("ok", True):
-        text += " (unverified)"
     if summary.get("timed_out"):
         text += " (timed out)"
+    elif not summary.get("ok", True):
+        text += " (unverified)"
     return text
 
 

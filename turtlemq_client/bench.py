@@ -461,7 +461,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         return 0
 
     progress = Progress()
-    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    workloads = args.workload
     report: dict[str, Any] = {"url": args.url, "reps": args.reps, "loop": loop_name(), "workloads": {}}
     for workload in workloads:
         reps = []
@@ -479,6 +479,17 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def workload_list(text: str) -> list[str]:
+    """``--workload``: ``all``, one workload, or several separated by commas, run in the order W1, W2, W3."""
+    names = {name.strip().upper() for name in text.split(",") if name.strip()}
+    if "ALL" in names:
+        return list(WORKLOADS)
+    unknown = names - set(WORKLOADS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected W1, W2, W3 or all, not {text!r}")
+    return [name for name in WORKLOADS if name in names]
+
+
 def add_parser(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register ``bench`` among the ``turtlemq`` subcommands."""
     bench = commands.add_parser(
@@ -488,7 +499,13 @@ def add_parser(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> arg
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all", help="what to run (default all)")
+    bench.add_argument(
+        "--workload",
+        type=workload_list,
+        default=list(WORKLOADS),
+        metavar="W1|W2|W3|all",
+        help="what to run, several separated by commas (default all)",
+    )
     bench.add_argument("--reps", type=int, default=1, help="repetitions of each workload; the table shows medians")
     bench.add_argument("--duration", type=float, default=10.0, help="W1: seconds measured (default 10)")
     bench.add_argument("--warmup", type=float, default=1.0, help="W1: seconds before measuring (default 1)")
