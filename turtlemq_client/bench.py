@@ -307,7 +307,7 @@ async def run_w3(args: argparse.Namespace, progress: Progress, label: str) -> di
             raise BenchError(
                 f"W3 needs the topics {TOPIC_A} and {TOPIC_B} on the broker, and {' and '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} missing: an operator creates them, for example with "
-                f"`python manage.py create_topic {' '.join(missing)}`"
+                + " and ".join(f"`python manage.py create_topic {name}`" for name in missing)
             )
         subscribers = await Child.start(
             "subscriber",

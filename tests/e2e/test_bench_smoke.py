@@ -68,4 +68,5 @@ def test_fan_out_without_topics_a_and_b_says_how_to_create_them(stack: Stack) ->
     require_create_topic(stack)
     status, report = bench(stack, "--workload", "W3", "--subs", "2", "--messages", "5")
     assert status == 1
-    assert "create_topic A B" in report["workloads"]["W3"]["summary"]["error"]
+    error = report["workloads"]["W3"]["summary"]["error"]
+    assert "A and B are missing" in error and "create_topic A` and `python manage.py create_topic B" in error
