@@ -229,10 +229,17 @@ def subscription_by_token(token: str) -> Subscription | None:
     return Subscription.objects.select_related("topic").filter(token=token).first()
 
 
-def _deactivate(subscription_id: int) -> None:
+def unsubscribe_subscriptions(subscription_ids: list[int]) -> int:
+    """End these e-mail subscriptions (the admin's action); returns how many were active."""
+    with transaction.atomic():
+        return sum(_deactivate(pk) for pk in subscription_ids)
+
+
+def _deactivate(subscription_id: int) -> bool:
     # Must run in a transaction: the subscription ends and its unsent e-mails with it.
     now = timezone.now()
-    Subscription.objects.filter(pk=subscription_id, active=True).update(active=False, unsubscribed_at=now)
+    ended = Subscription.objects.filter(pk=subscription_id, active=True).update(active=False, unsubscribed_at=now)
     EmailOutbox.objects.filter(subscription_id=subscription_id, status=EmailOutbox.Status.PENDING).update(
         status=EmailOutbox.Status.CANCELLED, last_error="the address unsubscribed"
     )
+    return bool(ended)
