@@ -1,4 +1,4 @@
-"""HTTP routes of topics: the unsubscribe link of notification e-mails."""
+"""HTTP routes of topics: publishing over HTTP and the unsubscribe link of notification e-mails."""
 
 from django.urls import path
 
@@ -7,5 +7,6 @@ from . import views
 app_name = "subscriptions"
 
 urlpatterns = [
+    path("api/topics/<str:name>/messages", views.publish_message, name="publish"),
     path("unsubscribe/<str:token>", views.unsubscribe, name="unsubscribe"),
 ]

@@ -1,13 +1,56 @@
-"""HTTP views of topics: the unsubscribe page behind every notification e-mail's link."""
+"""HTTP views of topics: publishing for server-side publishers, and the unsubscribe page of e-mails."""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse
+import json
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from . import topics
+from broker.protocol import ErrorCode, ProtocolError
+
+from . import events, topics
+from .protocol import parse_publish
+
+publish = database_sync_to_async(topics.publish)
+
+
+def _error(code: ErrorCode, message: str, status: int) -> JsonResponse:
+    return JsonResponse({"code": str(code), "message": message}, status=status)
+
+
+# Server-side publishers send no CSRF token; access keys guard the API instead.
+@csrf_exempt
+@require_http_methods(["POST"])
+async def publish_message(request: HttpRequest, name: str) -> JsonResponse:
+    """``POST /api/topics/<name>/messages`` with ``{"data": "..."}``: PUBLISH over HTTP.
+
+    201 ``{"topic": name, "id": N}``; 404 ``UNKNOWN_TOPIC``; 400 ``BAD_JSON`` or
+    ``BAD_FRAME`` by the rules of the PUBLISH frame. The message reaches the
+    topic's WebSocket subscribers and its e-mail subscribers like any other.
+    """
+    if len(request.body) > settings.TURTLEMQ_MAX_FRAME_BYTES:
+        return _error(ErrorCode.BAD_FRAME, "the body is larger than the frame limit", 413)
+    try:
+        body: Any = json.loads(request.body)
+    except (ValueError, RecursionError):
+        return _error(ErrorCode.BAD_JSON, "the body is not valid JSON", 400)
+    if not isinstance(body, dict):
+        return _error(ErrorCode.BAD_FRAME, 'the body must be a JSON object such as {"data": "..."}', 400)
+    try:
+        frame = parse_publish({**body, "type": "PUBLISH", "topic": name})
+        published = await publish(frame.topic, frame.data)
+    except topics.UnknownTopic as exc:
+        return _error(exc.code, exc.message, 404)
+    except ProtocolError as exc:
+        return _error(exc.code, exc.message, 400)
+    await events.announce_message(published)
+    return JsonResponse({"topic": published.topic, "id": published.seq}, status=201)
 
 
 # A mail client's one-click unsubscribe (RFC 8058) POSTs without any cookie or
