@@ -68,7 +68,8 @@ def asgi_argv(server: str, port: int, application: str) -> list[str]:
     if server == "uvicorn":
         return [
             sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
-            "--ws", "websockets", "--ws-max-size", str(MAX_FRAME_BYTES), "--log-level", "warning", application,
+            # What --ws auto picks with websockets installed; the legacy "websockets" one is deprecated.
+            "--ws", "websockets-sansio", "--ws-max-size", str(MAX_FRAME_BYTES), "--log-level", "warning", application,
         ]  # fmt: skip
     raise ValueError(f"unknown ASGI server {server!r}")
 

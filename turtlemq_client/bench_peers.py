@@ -139,6 +139,7 @@ class RpcClient:
                 future.set_exception(error)
 
     async def _read(self) -> None:
+        ended = "the broker closed the client connection"
         try:
             async for raw in self._ws:
                 frame = json.loads(raw)
@@ -150,12 +151,12 @@ class RpcClient:
                 elif kind == "ERROR":
                     ref = frame.get("ref") or {}
                     self._settle(ref.get("messageId"), error=BenchError(f"broker error {error_text(frame)}"))
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            ended += f" ({exc})"
         finally:
             for future in self._waiting.values():
                 if not future.done():
-                    future.set_exception(BenchError("the broker closed the client connection"))
+                    future.set_exception(BenchError(ended))
             self._waiting.clear()
 
     async def close(self) -> None:
