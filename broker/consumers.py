@@ -23,7 +23,7 @@ from subscriptions.protocol import TOPIC_PARSERS
 
 from . import dispatch, events, protocol
 from .models import Connection
-from .node import node
+from .node import NodeStopped, node
 from .protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger("turtlemq.broker")
@@ -31,6 +31,7 @@ logger = logging.getLogger("turtlemq.broker")
 PARSERS: dict[str, protocol.Parser] = {**protocol.TASK_PARSERS, **TOPIC_PARSERS}
 
 # WebSocket close codes (RFC 6455).
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
 
@@ -95,6 +96,8 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
                 await self.send_frame(protocol.request_task_frame(task_id, data))
         except ProtocolError as exc:
             await self.send_error(exc, obj)
+        except NodeStopped:
+            await self.close(code=CLOSE_GOING_AWAY)  # registering while this process shuts down
 
     async def on_register_client(self, text: str, obj: Mapping[str, Any], frame: protocol.RegisterClient) -> None:
         self._require_unregistered()
@@ -142,6 +145,10 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     async def task_assign(self, event: events.TaskAssignEvent) -> None:
         """A task for this worker: send it as REQUEST_TASK."""
         await self.send_frame(protocol.request_task_frame(event["task_id"], event["data"]))
+
+    async def node_going_away(self, event: events.NodeGoingAwayEvent) -> None:
+        """This broker process stopped serving the connection (shutdown, or declared dead): the peer reconnects."""
+        await self.close(code=CLOSE_GOING_AWAY)
 
     async def task_outcome(self, event: events.TaskOutcomeEvent) -> None:
         """The outcome of one of this client's tasks: send it, then record the delivery."""

@@ -22,6 +22,19 @@ States of ``Task.state`` and who moves a task between them::
 * ``delivered_at`` records that the outcome of a finished task (DONE, FAILED,
   CANCELLED) was sent to its client; a client that resumes with its
   ``clientId`` is sent every finished task that lacks it.
+* An ASSIGNED task carries a lease (``REQUEST_TASK.timeout``, else
+  ``TURTLEMQ_DEFAULT_LEASE``; 0 means none) that TOUCH_TASK renews; housekeeping
+  takes back a task held past it, as a failed attempt.
+
+Broker processes (``BrokerProcess``): each beats a heartbeat in ``housekeep``.
+One silent for longer than ``TURTLEMQ_PROCESS_DEAD_AFTER`` is reaped by the
+others (stopped, its connections released, their tasks back in the queue); one
+that stops cleanly does the same for itself in ``stop_process``. A process that
+was reaped while it was in fact alive (paused, or cut off from the database)
+learns it from its next heartbeat (:class:`ProcessStopped`): it must close the
+connections it still serves and register afresh. As a safety net against
+races, housekeeping also requeues tasks still held by closed connections and
+releases connections still open on stopped processes.
 
 Every public function here is synchronous and runs its changes in
 transactions; consumers call them through ``database_sync_to_async``. They
@@ -31,6 +44,7 @@ layer *after* the commit. The database is the truth, the layer a doorbell.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections import deque
@@ -39,11 +53,13 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Case, Count, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from .models import BrokerProcess, Connection, Task
 from .protocol import ErrorCode, ProtocolError
+
+logger = logging.getLogger("turtlemq.broker")
 
 # How many workers one assignment round considers; each completion, release
 # and housekeeping tick runs another round, so this only bounds one statement.
@@ -98,6 +114,14 @@ class UnknownTask(ProtocolError):
         self.held = held
 
 
+class ProcessStopped(Exception):
+    """This broker process's row says it stopped: the others declared it dead while it was alive."""
+
+    def __init__(self, process_id: int) -> None:
+        super().__init__(f"broker process #{process_id} was declared dead")
+        self.process_id = process_id
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     """A newly registered connection and what it must be sent right away."""
@@ -127,34 +151,101 @@ def register_process(hostname: str, pid: int) -> tuple[int, Effects]:
 
 
 def housekeep(process_id: int) -> Effects:
-    """Periodic work of every broker process: heartbeat, dead processes, leases, due retries."""
+    """Periodic work of every broker process: heartbeat, dead processes, leases, orphans, due retries.
+
+    Raises :class:`ProcessStopped` (changing nothing) when this process was
+    declared dead meanwhile.
+    """
     now = timezone.now()
-    BrokerProcess.objects.filter(pk=process_id).update(heartbeat_at=now)
+    if not BrokerProcess.objects.running().filter(pk=process_id).update(heartbeat_at=now):
+        raise ProcessStopped(process_id)
     cutoff = now - timedelta(seconds=settings.TURTLEMQ_PROCESS_DEAD_AFTER)
     silent = list(BrokerProcess.objects.silent_since(cutoff).values_list("pk", flat=True))
     effects = _reap_processes(silent, now)
     effects += expire_leases(now)
+    # Orphans come only from races, so first two cheap reads that almost always find none.
+    if Task.objects.orphaned().exists() or Connection.objects.live().filter(process__stopped_at__isnull=False).exists():
+        with transaction.atomic():
+            count = _requeue_orphans(now)
+        if count:
+            logger.warning("%s orphaned tasks went back to the queue", count)
     with transaction.atomic():
         effects.assignments.extend(_assign(now))
     return effects
 
 
 def stop_process(process_id: int) -> Effects:
-    """Mark this process stopped and release everything its connections held."""
-    return _reap_processes([process_id], timezone.now())
+    """This process stops serving: mark it stopped (if the others have not) and release its connections.
+
+    Called on a clean shutdown, and by a process that learnt it was declared
+    dead, for the connections it registered after the others reaped it.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        BrokerProcess.objects.running().filter(pk=process_id).update(stopped_at=now)
+        connection_ids = list(Connection.objects.held_by_processes([process_id]).values_list("pk", flat=True))
+        if not _release(connection_ids, now):
+            return Effects()
+        return Effects(assignments=_assign(now))
+
+
+def channels_to_close(process_id: int) -> list[str]:
+    """Channel names of the connections a stopped process must close: those released when it stopped.
+
+    Also any still open (registered after the process was stopped). Their
+    peers must reconnect, since the broker no longer counts them as connected.
+    """
+    stopped_at = BrokerProcess.objects.filter(pk=process_id).values_list("stopped_at", flat=True).first()
+    released = Q(disconnected_at__isnull=True)
+    if stopped_at is not None:
+        released |= Q(disconnected_at__gte=stopped_at)
+    return list(Connection.objects.filter(released, process_id=process_id).values_list("channel_name", flat=True))
 
 
 def _reap_processes(process_ids: list[int], now: datetime) -> Effects:
+    """Declare processes dead, release their connections, and re-send what they may not have announced."""
     effects = Effects()
     for process_id in process_ids:
         with transaction.atomic():
+            last_heartbeat = BrokerProcess.objects.filter(pk=process_id).values_list("heartbeat_at", flat=True).first()
             # Compare-and-set: of several live processes, one reaps a dead one.
             if not BrokerProcess.objects.filter(pk=process_id, stopped_at__isnull=True).update(stopped_at=now):
                 continue
             connection_ids = list(Connection.objects.held_by_processes([process_id]).values_list("pk", flat=True))
             _release(connection_ids, now)
             effects.assignments.extend(_assign(now))
+            effects += _unannounced(last_heartbeat or now, now)
     return effects
+
+
+def _unannounced(last_heartbeat: datetime, now: datetime) -> Effects:
+    """What a process that died at about ``last_heartbeat`` may have committed but never announced.
+
+    A process announces its effects right after each commit; one that dies in
+    between leaves a result that a connected client never hears of (until it
+    reconnects) and a task that a worker elsewhere holds without knowing.
+    So: every outcome not yet delivered to a live client connection, and a
+    reminder (as in rule 4) of every task handed out around the time of death.
+    Sending either twice is harmless to peers that follow the protocol.
+    """
+    live_clients = Connection.objects.live().clients().values("channel_name")
+    outcomes = [
+        _outcome(reply_channel, pk, message_id, state, result)
+        for reply_channel, pk, message_id, state, result in Task.objects.finished()
+        .filter(delivered_at__isnull=True, reply_channel__in=live_clients)
+        .values_list("reply_channel", "pk", "message_id", "state", "result")
+    ]
+    # It died before its next heartbeat; give the clocks and a busy event loop some slack.
+    margin = timedelta(seconds=max(2 * settings.TURTLEMQ_TICK, 2.0))
+    since = last_heartbeat - margin
+    until = min(last_heartbeat + timedelta(seconds=settings.TURTLEMQ_TICK) + margin, now)  # not this reaping's
+    reminders = [
+        Assignment(worker_channel, str(pk), data)
+        for pk, data, worker_channel in Task.objects.assigned()
+        .filter(assigned_at__gte=since, assigned_at__lt=until, worker__disconnected_at__isnull=True)
+        .values_list("pk", "data", "worker__channel_name")
+    ]
+    return Effects(assignments=reminders, outcomes=outcomes)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -328,8 +419,15 @@ def touch_task(worker_id: int, task_id: str) -> None:
     now = timezone.now()
     with transaction.atomic():
         (timeout,) = _lock_held(worker_id, task_id, "timeout")
-        if timeout is not None:
-            Task.objects.filter(pk=int(task_id)).update(lease_expires_at=now + timedelta(seconds=timeout))
+        lease = lease_until(timeout, now)
+        if lease is not None:
+            Task.objects.filter(pk=int(task_id)).update(lease_expires_at=lease)
+
+
+def lease_until(timeout: float | None, now: datetime) -> datetime | None:
+    """When a task handed out (or touched) at ``now`` is taken back: its own timeout, else the default lease."""
+    seconds = timeout if timeout is not None else settings.TURTLEMQ_DEFAULT_LEASE
+    return now + timedelta(seconds=seconds) if seconds else None
 
 
 def expire_leases(now: datetime) -> Effects:
@@ -383,7 +481,7 @@ def _refill_slot(worker_id: int, worker_channel: str, now: datetime) -> list[Ass
     candidate = Task.objects.due(now).select_for_update(skip_locked=True).values_list("pk", "data", "timeout").first()
     if candidate is not None:
         pk, data, timeout = candidate
-        lease = now + timedelta(seconds=timeout) if timeout is not None else None
+        lease = lease_until(timeout, now)
         claimed = Task.objects.queued().filter(pk=pk).update(
             state=Task.State.ASSIGNED, worker_id=worker_id, assigned_at=now, attempts=F("attempts") + 1,
             lease_expires_at=lease,
@@ -485,7 +583,13 @@ def _assign(now: datetime) -> list[Assignment]:
         claimed = (
             Task.objects.queued()
             .filter(pk__in=task_ids)
-            .update(state=Task.State.ASSIGNED, worker_id=worker_pk, assigned_at=now, attempts=F("attempts") + 1)
+            .update(
+                state=Task.State.ASSIGNED,
+                worker_id=worker_pk,
+                assigned_at=now,
+                attempts=F("attempts") + 1,
+                lease_expires_at=_leases(worker_tasks, now),
+            )
         )
         if claimed != count:
             # Someone else took some of them: keep what we got, give back the rest.
@@ -494,11 +598,16 @@ def _assign(now: datetime) -> list[Assignment]:
             )
             worker_tasks = [task for task in worker_tasks if task[0] in got]
             Connection.objects.filter(pk=worker_pk).update(in_flight=F("in_flight") - (count - len(worker_tasks)))
-        for pk, data, timeout in worker_tasks:
-            if timeout is not None:
-                Task.objects.filter(pk=pk).update(lease_expires_at=now + timedelta(seconds=timeout))
-            assignments.append(Assignment(channels[worker_pk], str(pk), data))
+        assignments.extend(Assignment(channels[worker_pk], str(pk), data) for pk, data, _ in worker_tasks)
     return assignments
+
+
+def _leases(tasks: list[tuple[int, str, float | None]], now: datetime) -> datetime | Case | None:
+    """The ``lease_expires_at`` of tasks claimed together, as one value when they share it."""
+    leases = {pk: lease_until(timeout, now) for pk, _, timeout in tasks}
+    if len(set(leases.values())) == 1:
+        return next(iter(leases.values()))
+    return Case(*(When(pk=pk, then=Value(lease)) for pk, lease in leases.items()), output_field=DateTimeField())
 
 
 # --- status and operator actions ----------------------------------------------------------
@@ -590,17 +699,26 @@ def requeue_orphans(assign: bool = True) -> tuple[int, Effects]:
     cutoff = now - timedelta(seconds=settings.TURTLEMQ_PROCESS_DEAD_AFTER)
     with transaction.atomic():
         BrokerProcess.objects.silent_since(cutoff).update(stopped_at=now)
-        # Lock only the task rows: PostgreSQL refuses FOR UPDATE on the
-        # nullable side of the outer joins that orphaned() needs.
-        orphans = list(Task.objects.orphaned().select_for_update(of=("self",)).values_list("pk", "worker_id"))
-        Task.objects.filter(pk__in=[pk for pk, _ in orphans]).update(
-            state=Task.State.QUEUED, worker=None, lease_expires_at=None
-        )
-        Connection.objects.live().filter(process__stopped_at__isnull=False).update(disconnected_at=now, in_flight=0)
-        for _, worker_id in orphans:
-            if worker_id is not None:
-                Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
-        return len(orphans), Effects(assignments=_assign(now) if assign else [])
+        count = _requeue_orphans(now)
+        return count, Effects(assignments=_assign(now) if assign else [])
+
+
+def _requeue_orphans(now: datetime) -> int:
+    """Requeue assigned tasks whose worker is gone and close the connections of stopped processes.
+
+    Must run inside a transaction. The workers of those tasks are all closed
+    (or closed here), so they hold nothing any more.
+    """
+    # Lock only the task rows: PostgreSQL refuses FOR UPDATE on the
+    # nullable side of the outer joins that orphaned() needs.
+    orphans = list(Task.objects.orphaned().select_for_update(of=("self",)).values_list("pk", "worker_id"))
+    Task.objects.orphaned().filter(pk__in=[pk for pk, _ in orphans]).update(
+        state=Task.State.QUEUED, worker=None, lease_expires_at=None
+    )
+    Connection.objects.filter(pk__in={worker_id for _, worker_id in orphans if worker_id}).update(in_flight=0)
+    stray = list(Connection.objects.live().filter(process__stopped_at__isnull=False).values_list("pk", flat=True))
+    _release(stray, now)
+    return len(orphans)
 
 
 def purge_finished_tasks(older_than: timedelta) -> int:

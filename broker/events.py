@@ -4,7 +4,8 @@ Two events travel between consumers, possibly in different processes:
 ``task.assign`` to a worker's channel (becomes REQUEST_TASK) and
 ``task.outcome`` to a client's channel (becomes RESPONSE_TASK or
 TASK_FAILED). A lost event delays but never loses work: the database still
-says what is owed to whom.
+says what is owed to whom. A third, ``node.going_away``, goes from a broker
+process to its own connections when it stops serving them (a close with 1001).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class TaskOutcomeEvent(TypedDict):
     message_id: str
     ok: bool
     data: str
+
+
+class NodeGoingAwayEvent(TypedDict):
+    type: Literal["node.going_away"]
 
 
 def assign_event(assignment: Assignment) -> TaskAssignEvent:
@@ -68,6 +73,18 @@ async def ring(effects: Effects, layer: BaseChannelLayer | None = None, local: L
         except ChannelFull:
             # The database still holds the task; it is re-sent on resume or re-dispatch.
             logger.warning("channel %s is full; dropped %s for task %s", channel, event["type"], event["task_id"])
+
+
+async def going_away(channels: list[str], layer: BaseChannelLayer | None = None) -> None:
+    """Ask these connections of this process to close, so that their peers reconnect."""
+    layer = layer or get_channel_layer()
+    event: NodeGoingAwayEvent = {"type": "node.going_away"}
+    for channel in channels:
+        try:
+            await layer.send(channel, dict(event))
+        except ChannelFull:
+            # Its peer stays connected to a process that forgot it; that peer's frames still work.
+            logger.warning("channel %s is full; could not ask it to close", channel)
 
 
 def ring_from_sync(effects: Effects) -> None:

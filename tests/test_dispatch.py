@@ -91,7 +91,8 @@ def test_submitted_task_is_stored_queued_when_no_worker_exists(process_id, setti
     assert row.reply_channel == "client.anon" and row.worker_id is None
 
 
-def test_submitted_task_goes_to_an_idle_worker_with_a_string_task_id(process_id):
+def test_submitted_task_goes_to_an_idle_worker_with_a_string_task_id(process_id, settings):
+    settings.TURTLEMQ_DEFAULT_LEASE = 0  # no lease
     worker_id, _ = add_worker(process_id, "w")
     effects = submit("m1", "payload")
     row = task("m1")
@@ -345,7 +346,8 @@ def test_touch_task_renews_the_lease(process_id):
     assert task("m1").lease_expires_at >= before + timedelta(seconds=60)
 
 
-def test_touch_task_without_a_timeout_changes_nothing(process_id):
+def test_touch_task_without_a_timeout_or_default_lease_changes_nothing(process_id, settings):
+    settings.TURTLEMQ_DEFAULT_LEASE = 0
     worker_id, _ = add_worker(process_id, "w")
     (assignment,) = submit("m1").assignments
     before = snapshot()
