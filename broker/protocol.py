@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -57,19 +58,45 @@ def encode(frame: Mapping[str, Any]) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def decode(text: str) -> dict[str, Any]:
     """Parse raw frame text into a JSON object with a string ``type``."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json)  # Python would accept NaN and Infinity
     except (ValueError, RecursionError):
         raise ProtocolError(ErrorCode.BAD_JSON, "the frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
+    # A UTF-8 frame holds no lone surrogate and no raw U+0000 in a string, but
+    # JSON escapes can: such a string could not be stored, nor echoed back.
+    if "\\u" in text and not _plain_strings(obj):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "strings must not hold U+0000 or lone surrogates (\\u0000, \\ud800)")
     frame_type = obj.get("type")
     if not isinstance(frame_type, str) or not frame_type:
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame needs a string field 'type'", ref_of(obj))
     return obj
 
+
+def _plain_strings(obj: Any) -> bool:
+    """Whether every string (key or value) in a decoded JSON value is free of U+0000 and lone surrogates."""
+    pending = [obj]
+    while pending:  # not recursive: the value may be nested as deep as json.loads allows
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value or _SURROGATE.search(value):
+                return False
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 REF_FIELDS = ("type", "messageId", "taskId", "topic")
 
@@ -82,8 +109,10 @@ def ref_of(obj: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, str):
             # Repeat identifiers, but never echo a huge string back.
             ref[name] = value if len(value) <= MAX_ID_LENGTH else value[:MAX_ID_LENGTH] + "..."
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, int) and not isinstance(value, bool):
             ref[name] = value
+        elif isinstance(value, float) and math.isfinite(value):
+            ref[name] = value  # 1e999 parses as infinity, which JSON cannot say
     return ref
 
 
