@@ -5,10 +5,14 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MAX_FRAME_BYTES ?= 1048576
+# WebSocket keepalive: seconds idle before the broker pings a peer, and seconds
+# without a pong before it drops the peer (and migrates its tasks).
+TURTLEMQ_PING_INTERVAL ?= 20
+TURTLEMQ_PING_TIMEOUT ?= 30
 TEST_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/postgres
 TEST_REDIS ?= redis://127.0.0.1:6379/0
 
-.PHONY: run test lint migrate clean
+.PHONY: run test lint migrate clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +30,8 @@ migrate: $(VENV)/.runtime
 	$(BIN)/python manage.py migrate --noinput
 
 run: migrate
-	$(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(MAX_FRAME_BYTES) turtlemq_site.asgi:application
+	$(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(MAX_FRAME_BYTES) \
+		--ping-interval $(TURTLEMQ_PING_INTERVAL) --ping-timeout $(TURTLEMQ_PING_TIMEOUT) turtlemq_site.asgi:application
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -44,6 +49,14 @@ test: $(VENV)/.dev
 		DATABASE_URL=$(TEST_POSTGRES) REDIS_URL=$(TEST_REDIS) TURTLEMQ_REDIS_PREFIX=turtlemq-test-$$$$ \
 			$(BIN)/python -m pytest -m "not e2e"; \
 	elif [ $$status -eq 2 ]; then exit 1; fi
+
+# Two broker processes on a fresh PostgreSQL database + Redis prefix, 8 clients,
+# 6 workers, 5,000 tasks, while workers and a broker process are SIGKILLed:
+# every result must arrive exactly once. Loopback only, at most CHAOS_DEADLINE s.
+CHAOS_DEADLINE ?= 300
+chaos: $(VENV)/.dev
+	@TURTLEMQ_TEST_POSTGRES=$(TEST_POSTGRES) TURTLEMQ_TEST_REDIS=$(TEST_REDIS) \
+		$(BIN)/python scripts/chaos.py --deadline $(CHAOS_DEADLINE) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

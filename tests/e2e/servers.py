@@ -32,6 +32,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_ADMIN_DSN = os.environ.get("TURTLEMQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TURTLEMQ_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
+# WebSocket keepalive of daphne, from the same variables as `make run`:
+# seconds idle before a ping, and seconds without a pong before the broker
+# drops the connection (daphne's defaults). Tests of half-open connections
+# lower them with the stack_env marker.
+PING_DEFAULTS = {"TURTLEMQ_PING_INTERVAL": "20", "TURTLEMQ_PING_TIMEOUT": "30"}
+
 # Quick failure detection so that tests about dead processes finish fast.
 FAST_HOUSEKEEPING = {
     "TURTLEMQ_TICK": "0.2",
@@ -87,6 +93,8 @@ class BrokerServer:
                 sys.executable, "-m", "daphne",
                 "-b", "127.0.0.1", "-p", str(self.port),
                 "--websocket-max-message-size", self.env.get("TURTLEMQ_MAX_FRAME_BYTES", str(1024 * 1024)),
+                "--ping-interval", self.env.get("TURTLEMQ_PING_INTERVAL", PING_DEFAULTS["TURTLEMQ_PING_INTERVAL"]),
+                "--ping-timeout", self.env.get("TURTLEMQ_PING_TIMEOUT", PING_DEFAULTS["TURTLEMQ_PING_TIMEOUT"]),
                 "turtlemq_site.asgi:application",
             ],
             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -154,12 +162,12 @@ class Stack:
     def worker_url(self) -> str:
         return self.servers[-1].url
 
-    def manage(self, *args: str) -> subprocess.CompletedProcess:
+    def manage(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run ``manage.py`` against this stack's database."""
         return subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=REPO_ROOT,
-            env=self.env,
+            env=self.env | (extra_env or {}),
             check=True,
             capture_output=True,
             text=True,
@@ -249,39 +257,56 @@ def embedded_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> I
         stack.stop()
 
 
+class ServiceMissing(RuntimeError):
+    """PostgreSQL or Redis is not reachable."""
+
+
 @contextlib.contextmanager
-def postgres_redis_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """A fresh PostgreSQL database and a Redis prefix shared by two broker processes."""
+def postgres_redis_env(extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """Broker environment on a fresh, migrated PostgreSQL database and a Redis prefix of its own.
+
+    The database is dropped afterwards. Raises :class:`ServiceMissing` when
+    PostgreSQL or Redis is not reachable.
+    """
     import psycopg
     import redis
 
     try:
         admin = psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError:
-        service_missing(f"PostgreSQL ({POSTGRES_ADMIN_DSN})")
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError:
-        admin.close()
-        service_missing(f"Redis ({REDIS_URL})")
+        raise ServiceMissing(f"PostgreSQL ({POSTGRES_ADMIN_DSN})") from None
+    with contextlib.closing(admin):
+        try:
+            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+        except redis.RedisError:
+            raise ServiceMissing(f"Redis ({REDIS_URL})") from None
+        name = f"turtlemq_e2e_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_migrated_postgres_template()}"')
+        env = _base_env() | {"DATABASE_URL": _postgres_url(name), "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
+        try:
+            yield env | (extra_env or {})
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    name = f"turtlemq_e2e_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_migrated_postgres_template()}"')
-    database_url = _postgres_url(name)
-    env = _base_env() | {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
-    env |= extra_env or {}
-    stack = Stack(
-        "postgres_redis",
-        env,
-        [
-            BrokerServer(env, log_path=tmp_path / "broker-clients.log"),
-            BrokerServer(env, log_path=tmp_path / "broker-workers.log"),
-        ],
-    )
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+
+@contextlib.contextmanager
+def postgres_redis_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A fresh PostgreSQL database and a Redis prefix shared by two broker processes."""
+    with contextlib.ExitStack() as cleanup:
+        try:
+            env = cleanup.enter_context(postgres_redis_env(extra_env))
+        except ServiceMissing as exc:
+            service_missing(str(exc))
+        stack = Stack(
+            "postgres_redis",
+            env,
+            [
+                BrokerServer(env, log_path=tmp_path / "broker-clients.log"),
+                BrokerServer(env, log_path=tmp_path / "broker-workers.log"),
+            ],
+        )
+        try:
+            stack.start()
+            yield stack
+        finally:
+            stack.stop()

@@ -79,6 +79,11 @@ class WorkerProcess:
         await wait_until(lambda: len(self.got) >= count, timeout, f"{count} GOT lines (have {self.lines})")
         return self.got
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the process without waiting (SIGSTOP freezes it: a peer that vanished without closing)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(sig)
+
     async def kill(self) -> None:
         """SIGKILL: the process dies without closing its WebSocket."""
         await self.stop(signal.SIGKILL)
