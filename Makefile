@@ -12,7 +12,7 @@ TURTLEMQ_PING_TIMEOUT ?= 30
 TEST_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/postgres
 TEST_REDIS ?= redis://127.0.0.1:6379/0
 
-.PHONY: run test lint migrate clean chaos
+.PHONY: run test lint migrate clean chaos bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ CHAOS_DEADLINE ?= 300
 chaos: $(VENV)/.dev
 	@TURTLEMQ_TEST_POSTGRES=$(TEST_POSTGRES) TURTLEMQ_TEST_REDIS=$(TEST_REDIS) \
 		$(BIN)/python scripts/chaos.py --deadline $(CHAOS_DEADLINE) $(CHAOS_ARGS)
+
+# TurtleMQ (embedded on daphne and uvicorn, PostgreSQL + Redis with two processes)
+# beside the references of ../shared/bench measured in the same run (bare relays,
+# RabbitMQ, Celery); prints the tables and appends them to bench/RESULTS.md. Under
+# ten minutes; BENCH_ARGS passes options to bench/run.py (e.g. --note "...").
+$(VENV)/.bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $(VENV)/.runtime $(VENV)/.dev $@
+
+bench: $(VENV)/.bench
+	BENCH_POSTGRES=$(TEST_POSTGRES) BENCH_REDIS=$(TEST_REDIS) $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
