@@ -195,6 +195,26 @@ TURTLEMQ_PROCESS_DEAD_AFTER = env_float("TURTLEMQ_PROCESS_DEAD_AFTER", 15.0)
 # How often each broker process looks for due retries and dead processes.
 TURTLEMQ_TICK = env_float("TURTLEMQ_TICK", 1.0)
 
+# --- Access control and limits (broker.access, broker.ratelimit) -------------
+
+# Peers must present an access key (made in the admin or with
+# create_access_key). Off on a developer's machine (DEBUG on), on in production.
+TURTLEMQ_AUTH = env_bool("TURTLEMQ_AUTH", not DEBUG)
+# Seconds a connection may stay open without presenting a key (auth on).
+TURTLEMQ_AUTH_TIMEOUT = env_float("TURTLEMQ_AUTH_TIMEOUT", 10.0)
+# Browser origins allowed to open a WebSocket (e.g. "https://app.example.com");
+# empty: any. A handshake without an Origin header (a program) is always accepted.
+TURTLEMQ_ALLOWED_ORIGINS = [
+    origin.strip() for origin in os.environ.get("TURTLEMQ_ALLOWED_ORIGINS", "").split(",") if origin.strip()
+]
+# Unfinished tasks one client may have (per clientId, or per connection
+# without one); REQUEST_TASK beyond it gets RATE_LIMITED. 0: no limit.
+TURTLEMQ_MAX_CLIENT_IN_FLIGHT = env_int("TURTLEMQ_MAX_CLIENT_IN_FLIGHT", 10_000)
+# Frames per second one connection may send on average, and in a burst;
+# a frame beyond them gets RATE_LIMITED and is not processed. 0: no limit.
+TURTLEMQ_MAX_FRAMES_PER_SECOND = env_float("TURTLEMQ_MAX_FRAMES_PER_SECOND", 5_000.0)
+TURTLEMQ_FRAME_BURST = env_float("TURTLEMQ_FRAME_BURST", 2 * TURTLEMQ_MAX_FRAMES_PER_SECOND)
+
 # --- Topics and e-mail notification (subscriptions) -------------------------
 
 # SMTP comes from the environment only: no address or credential lives here.
