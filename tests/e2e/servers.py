@@ -70,12 +70,13 @@ def _base_env() -> dict[str, str]:
 
 @dataclass
 class BrokerServer:
-    """One daphne process serving the broker."""
+    """One daphne process serving the broker (or uvicorn, with ``server="uvicorn"``)."""
 
     env: dict[str, str]
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
     process: subprocess.Popen | None = None
+    server: str = "daphne"
 
     @property
     def url(self) -> str:
@@ -89,18 +90,25 @@ class BrokerServer:
         """Start the process without waiting for it (see :meth:`wait_healthy`)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "daphne",
-                "-b", "127.0.0.1", "-p", str(self.port),
-                "--websocket-max-message-size", self.env.get("TURTLEMQ_MAX_FRAME_BYTES", str(1024 * 1024)),
-                "--ping-interval", self.env.get("TURTLEMQ_PING_INTERVAL", PING_DEFAULTS["TURTLEMQ_PING_INTERVAL"]),
-                "--ping-timeout", self.env.get("TURTLEMQ_PING_TIMEOUT", PING_DEFAULTS["TURTLEMQ_PING_TIMEOUT"]),
-                "turtlemq_site.asgi:application",
-            ],
+            [sys.executable, "-m", *self._server_args(), "turtlemq_site.asgi:application"],
             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         if log is not subprocess.DEVNULL:
             log.close()  # the child has its own copy
+
+    def _server_args(self) -> list[str]:
+        max_frame = self.env.get("TURTLEMQ_MAX_FRAME_BYTES", str(1024 * 1024))
+        ping_interval = self.env.get("TURTLEMQ_PING_INTERVAL", PING_DEFAULTS["TURTLEMQ_PING_INTERVAL"])
+        ping_timeout = self.env.get("TURTLEMQ_PING_TIMEOUT", PING_DEFAULTS["TURTLEMQ_PING_TIMEOUT"])
+        if self.server == "uvicorn":
+            return [
+                "uvicorn", "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "on",
+                "--ws-max-size", max_frame, "--ws-ping-interval", ping_interval, "--ws-ping-timeout", ping_timeout,
+            ]  # fmt: skip
+        return [
+            "daphne", "-b", "127.0.0.1", "-p", str(self.port), "--websocket-max-message-size", max_frame,
+            "--ping-interval", ping_interval, "--ping-timeout", ping_timeout,
+        ]  # fmt: skip
 
     def wait_healthy(self, timeout: float = 20.0) -> BrokerServer:
         """Wait until ``/healthz`` answers 200; fail if the process exits first."""
@@ -245,11 +253,11 @@ def _drop_postgres_database(name: str) -> None:
 
 
 @contextlib.contextmanager
-def embedded_stack(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def embedded_stack(tmp_path: Path, extra_env: dict[str, str] | None = None, server: str = "daphne") -> Iterator[Stack]:
     """SQLite and the in-memory layer in one broker process: the default with nothing set."""
     env = _base_env() | {"TURTLEMQ_SQLITE_PATH": str(tmp_path / "broker.sqlite3")} | (extra_env or {})
     shutil.copyfile(_migrated_sqlite(), tmp_path / "broker.sqlite3")
-    stack = Stack("embedded", env, [BrokerServer(env, log_path=tmp_path / "broker.log")])
+    stack = Stack("embedded", env, [BrokerServer(env, log_path=tmp_path / "broker.log", server=server)])
     try:
         stack.start()
         yield stack
