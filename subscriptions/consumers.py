@@ -102,7 +102,7 @@ class TopicFramesMixin:
             else:
                 # Deleted between the two reads: nothing to follow.
                 await self.channel_layer.group_discard(topic_group(topic.id), self.channel_name)
-        await self.send_frame(protocol.subscribed_frame(frame.topic, state.content or ""))
+        await self.send_frame(protocol.subscribed_frame(frame.topic, state.content or "", state.content_last_id))
         if frame.since is not None:
             for topic in sorted(new, key=lambda t: t.name):
                 if topic.id in self._following:

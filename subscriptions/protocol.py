@@ -133,8 +133,16 @@ def topics_frame(names: list[str]) -> dict[str, Any]:
     return {"type": "TOPICS", "data": names}
 
 
-def subscribed_frame(pattern: str, content: str) -> dict[str, Any]:
-    return {"type": "SUBSCRIBED", "topic": pattern, "data": content}
+def subscribed_frame(pattern: str, content: str, last_id: int | None = None) -> dict[str, Any]:
+    """SUBSCRIBED; for an exact name also ``lastId``, the newest message id in ``content``.
+
+    Live MESSAGEs (without ``since``) start after ``lastId``, so a client that
+    reconnects can resume with ``since: lastId`` even if no message came.
+    """
+    frame: dict[str, Any] = {"type": "SUBSCRIBED", "topic": pattern, "data": content}
+    if last_id is not None:
+        frame["lastId"] = last_id
+    return frame
 
 
 def unsubscribed_frame(pattern: str) -> dict[str, Any]:

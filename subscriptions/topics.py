@@ -73,6 +73,7 @@ class Snapshot:
 
     last_ids: dict[int, int]  # topic id -> its newest message's sequence number
     content: str | None  # the content of the topic asked for, if any
+    content_last_id: int | None  # the newest message in that content (where the topic stood)
 
 
 # --- topics ----------------------------------------------------------------------
@@ -190,13 +191,13 @@ def snapshot(topic_ids: list[int], content_of: int | None = None) -> Snapshot:
     wanted = set(topic_ids) | ({content_of} if content_of is not None else set())
     topics = {topic.pk: topic for topic in Topic.objects.filter(pk__in=wanted)}
     last_ids = {pk: topics[pk].last_message_id for pk in topic_ids if pk in topics}
-    content = None
+    content = content_last_id = None
     if content_of is not None and content_of in topics:
         topic = topics[content_of]
         # Only messages up to the sequence number just read, so that content
         # and live stream neither overlap nor leave a gap.
-        content = topic_content(topic, upto=topic.last_message_id)
-    return Snapshot(last_ids, content)
+        content, content_last_id = topic_content(topic, upto=topic.last_message_id), topic.last_message_id
+    return Snapshot(last_ids, content, content_last_id)
 
 
 def leave(name: str, email: str | None = None) -> None:

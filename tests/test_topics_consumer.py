@@ -170,7 +170,12 @@ async def test_subscribe_answers_with_the_description_followed_by_the_messages_o
         await publisher.publish("content", data)
     subscriber = await connect()
     frame = await subscriber.subscribe("content")
-    assert frame == {"type": "SUBSCRIBED", "topic": "content", "data": "All about content\nfirst\nsecond\nthird"}
+    assert frame == {
+        "type": "SUBSCRIBED",
+        "topic": "content",
+        "data": "All about content\nfirst\nsecond\nthird",
+        "lastId": 3,  # where the topic stood: live messages follow from 4
+    }
 
 
 async def test_content_holds_only_the_configured_number_of_newest_messages(connect, settings):
@@ -328,7 +333,7 @@ async def test_subscribing_an_email_to_an_unknown_topic_is_unknown_topic(connect
 async def test_a_star_subscription_gets_messages_of_topics_exactly_one_word_below(connect):
     await make_topics("news", "news.sports", "news.weather", "news.sports.tennis", "other.sports")
     subscriber = await connect()
-    assert (await subscriber.subscribe("news.*"))["data"] == ""
+    assert await subscriber.subscribe("news.*") == {"type": "SUBSCRIBED", "topic": "news.*", "data": ""}
     publisher = await connect()
     for name in ["news", "news.sports.tennis", "other.sports", "news.sports", "news.weather"]:
         await publisher.publish(name, f"on {name}")
