@@ -4,6 +4,12 @@ One consumer class serves every peer at ``/`` and ``/ws/``: clients and
 workers (``broker.dispatch``) and topic subscribers and publishers
 (``subscriptions``). It keeps only what belongs to its own connection (its
 role and row id); every decision about tasks is made in the domain layer.
+
+Access control and limits sit in front of the handlers, in ``receive``: the
+frame rate (``broker.ratelimit``), then the access key (``broker.access``:
+presented at the handshake or in the first frame), then what the key grants
+for this frame. The in-flight limit of a client is the domain's
+(``dispatch.submit_task``).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from django.conf import settings
 from subscriptions.consumers import TopicFramesMixin
 from subscriptions.protocol import TOPIC_PARSERS
 
-from . import dispatch, events, protocol
+from . import access, dispatch, events, protocol
 from .models import Connection
 from .node import NodeStopped, node
 from .protocol import ErrorCode, ProtocolError
+from .ratelimit import TokenBucket
 
 logger = logging.getLogger("turtlemq.broker")
 
@@ -34,6 +41,7 @@ PARSERS: dict[str, protocol.Parser] = {**protocol.TASK_PARSERS, **TOPIC_PARSERS}
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_UNAUTHORIZED = 4401  # an application code: missing, wrong or revoked access key
 
 register_client = database_sync_to_async(dispatch.register_client)
 register_worker = database_sync_to_async(dispatch.register_worker)
@@ -44,6 +52,23 @@ fail_task = database_sync_to_async(dispatch.fail_task)
 touch_task = database_sync_to_async(dispatch.touch_task)
 mark_delivered = database_sync_to_async(dispatch.mark_delivered)
 broker_status = database_sync_to_async(dispatch.broker_status)
+authenticate = database_sync_to_async(access.authenticate)
+current_grant = database_sync_to_async(access.current_grant)
+
+
+NO_KEY_MESSAGE = (
+    "access control is on: present an access key as ?token=KEY, as an 'Authorization: Bearer KEY' header "
+    "or as the 'token' field of the first frame"
+)
+RATE_LIMITED_MESSAGE = "too many frames per second on this connection; this frame was not processed"
+
+
+def _readable(text: str) -> dict[str, Any]:
+    """The ``ref`` of a frame that is refused before it is parsed."""
+    try:
+        return protocol.ref_of(protocol.decode(text))
+    except ProtocolError:
+        return {}
 
 
 class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
@@ -52,6 +77,9 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     role: str | None = None
     connection_id: int | None = None
     client_id: str | None = None  # REGISTER_CLIENT.clientId
+    # What this connection may do; None until it presents a valid key (auth on).
+    grant: access.Grant | None = access.FULL_ACCESS
+    refused = False  # closed for want of a valid key: later frames are ignored
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections (a thread hop) before
@@ -65,9 +93,31 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self._delivered: list[int] = []
         self._delivered_flush: asyncio.Task[None] | None = None
+        self._auth_deadline: asyncio.Task[None] | None = None
+        self._key_group: str | None = None  # the group of the key's connections (see access_changed)
+        self._unanswered = 0  # tasks this connection submitted whose outcome it has not been sent
+        if not access.origin_allowed(self.scope):
+            await self.close()  # before accepting: the server refuses the handshake (HTTP 403)
+            return
+        self._frames = TokenBucket(settings.TURTLEMQ_MAX_FRAMES_PER_SECOND, settings.TURTLEMQ_FRAME_BURST)
         await self.accept()
+        if settings.TURTLEMQ_AUTH:
+            self.grant = None
+            token = access.token_from_scope(self.scope)
+            if token is not None:
+                try:
+                    await self._authenticate(token)
+                except access.Unauthenticated as exc:
+                    await self._refuse(exc, {})
+            else:
+                # Otherwise the first frame must carry the key, and soon.
+                self._auth_deadline = asyncio.ensure_future(self._expect_key(settings.TURTLEMQ_AUTH_TIMEOUT))
 
     async def disconnect(self, code: int) -> None:
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+        if self._key_group is not None:
+            await self.channel_layer.group_discard(self._key_group, self.channel_name)
         if self.connection_id is not None:
             effects = await release_connection(self.connection_id)
             await events.ring(effects)
@@ -84,11 +134,21 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         if len(text_data) > limit // 4 and len(text_data.encode()) > limit:
             await self.close(code=CLOSE_MESSAGE_TOO_BIG)
             return
+        if self.refused:
+            return
+        if not self._frames.take():
+            await self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, RATE_LIMITED_MESSAGE), _readable(text_data))
+            return
         obj: Mapping[str, Any] = {}
         try:
+            if self.grant is None:
+                await self._authenticate_first_frame(text_data)
             obj = protocol.decode(text_data)
             frame = protocol.parse(obj, PARSERS)
+            access.authorize(self.grant, obj["type"], frame)
             await self.FRAME_HANDLERS[obj["type"]](self, text_data, obj, frame)
+        except access.Unauthenticated as exc:
+            await self._refuse(exc, obj)
         except dispatch.UnknownTask as exc:
             await self.send_error(exc, obj)
             # Rule 4: remind the worker of what it really holds.
@@ -121,8 +181,15 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     async def on_request_task(self, text: str, obj: Mapping[str, Any], frame: protocol.RequestTask) -> None:
         self._require_role(Connection.Role.CLIENT)
         effects = await submit_task(
-            self.channel_name, self.client_id, frame.message_id, frame.data, frame.timeout, frame.max_attempts
+            self.channel_name,
+            self.client_id,
+            frame.message_id,
+            frame.data,
+            frame.timeout,
+            frame.max_attempts,
+            self._unanswered,
         )
+        self._unanswered += 1
         await self.ring(effects)
 
     async def on_response_task(self, text: str, obj: Mapping[str, Any], frame: protocol.ResponseTask) -> None:
@@ -156,9 +223,58 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             await self.send_frame(protocol.response_task_frame(event["message_id"], event["data"]))
         else:
             await self.send_frame(protocol.task_failed_frame(event["message_id"], event["data"]))
+        self._unanswered = max(0, self._unanswered - 1)
         self._delivered.append(event["task_id"])
         if self._delivered_flush is None or self._delivered_flush.done():
             self._delivered_flush = asyncio.ensure_future(self._flush_delivered())
+
+    async def access_changed(self, event: access.KeyChangedEvent) -> None:
+        """This connection's key changed: adopt its new grant, or close if it was revoked."""
+        grant = await current_grant(event["key_id"])
+        if grant is None:
+            await self._refuse(access.Unauthenticated("the access key of this connection was revoked"), {})
+        else:
+            self.grant = grant
+
+    # --- access ----------------------------------------------------------------------
+
+    async def _authenticate(self, token: object) -> None:
+        """Adopt the grant of the key ``token``; raise :class:`access.Unauthenticated` for a bad one."""
+        if not isinstance(token, str) or not token:
+            raise access.Unauthenticated(NO_KEY_MESSAGE)
+        grant = await authenticate(token)
+        if grant is None:
+            raise access.Unauthenticated("the access key is wrong or revoked")
+        self.grant = grant
+        self._key_group = access.key_group(grant.key_id)
+        await self.channel_layer.group_add(self._key_group, self.channel_name)
+
+    async def _authenticate_first_frame(self, text: str) -> None:
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+        try:
+            obj = protocol.decode(text)
+        except ProtocolError:
+            obj = {}
+        try:
+            await self._authenticate(obj.get("token"))
+        except access.Unauthenticated as exc:
+            exc.ref = protocol.ref_of(obj)
+            raise
+
+    async def _expect_key(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if self.grant is None:
+            await self._refuse(access.Unauthenticated(f"no access key within {timeout:g} s; {NO_KEY_MESSAGE}"), {})
+
+    async def _refuse(self, exc: access.Unauthenticated, obj: Mapping[str, Any]) -> None:
+        """ERROR UNAUTHORIZED, then close with 4401 (PROTOCOL.md, Errors)."""
+        if self.refused:
+            return
+        self.refused = True
+        self.grant = None
+        await self.send_error(exc, obj)
+        await self.close(code=CLOSE_UNAUTHORIZED)
 
     # --- helpers ---------------------------------------------------------------------
 

@@ -122,6 +122,16 @@ class ProcessStopped(Exception):
         self.process_id = process_id
 
 
+class InFlightLimit(ProtocolError):
+    """A client at its limit of unfinished tasks submitted another one (``TURTLEMQ_MAX_CLIENT_IN_FLIGHT``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            ErrorCode.RATE_LIMITED,
+            f"this client already has {limit} unfinished tasks, the most allowed; wait for results before submitting",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     """A newly registered connection and what it must be sent right away."""
@@ -341,19 +351,28 @@ def submit_task(
     data: str,
     timeout: float | None = None,
     max_attempts: int | None = None,
+    unanswered: int = 0,
 ) -> Effects:
     """Store a new task (committed before anything else) and assign what can be assigned.
 
     Within one ``clientId`` a repeated ``messageId`` creates nothing: for a task
     in flight the one outcome is still to come; for a finished task the stored
-    outcome is sent again.
+    outcome is sent again. Raises :class:`InFlightLimit` (creating nothing)
+    when the client already has ``TURTLEMQ_MAX_CLIENT_IN_FLIGHT`` unfinished
+    tasks: counted in the database per ``clientId``; without one, the client
+    is its connection and ``unanswered`` is that connection's count.
     """
+    limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
+    if client_id is None and limit and unanswered >= limit:
+        raise InFlightLimit(limit)
     try:
         with transaction.atomic():
             if client_id is not None:
-                replay = _existing_outcome(reply_channel, client_id, message_id)
+                replay, unfinished = _look_up_client_task(reply_channel, client_id, message_id)
                 if replay is not None:
                     return replay
+                if limit and unfinished >= limit:
+                    raise InFlightLimit(limit)
             now = timezone.now()
             Task.objects.create(
                 message_id=message_id,
@@ -374,6 +393,24 @@ def submit_task(
         if replay is None:
             raise  # some other constraint failed: never report a lost task as a repeat
         return replay
+
+
+def _look_up_client_task(reply_channel: str, client_id: str, message_id: str) -> tuple[Effects | None, int]:
+    """What a repeat of ``message_id`` owes the client (``None``: not a repeat), and its unfinished task count.
+
+    One statement on the way to a new task, read from the indexes on
+    (client_id, message_id) and (client_id, state).
+    """
+    found = (
+        Task.objects.filter(client_id=client_id)
+        .filter(Q(message_id=message_id) | Q(state__in=Task.UNFINISHED_STATES))
+        .aggregate(
+            repeat=Count("pk", filter=Q(message_id=message_id)),
+            unfinished=Count("pk", filter=Q(state__in=Task.UNFINISHED_STATES)),
+        )
+    )
+    replay = _existing_outcome(reply_channel, client_id, message_id) if found["repeat"] else None
+    return replay, found["unfinished"]
 
 
 def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Effects | None:
