@@ -166,6 +166,12 @@ def authenticate(presented: str) -> Grant | None:
     return None
 
 
+def authenticate_bearer(authorization: str | None) -> Grant | None:
+    """The grant of the key in an HTTP ``Authorization: Bearer KEY`` header, or ``None``."""
+    token = bearer_token(authorization)
+    return authenticate(token) if token is not None else None
+
+
 def current_grant(key_id: int) -> Grant | None:
     """The grant of key ``key_id`` as it stands now, or ``None`` once it is revoked (or gone)."""
     access_key = AccessKey.objects.active().filter(pk=key_id).first()

@@ -12,12 +12,14 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
+from broker import access
 from broker.protocol import ErrorCode, ProtocolError
 
 from . import events, topics
 from .protocol import parse_publish
 
 publish = database_sync_to_async(topics.publish)
+authenticate_bearer = database_sync_to_async(access.authenticate_bearer)
 
 
 def _error(code: ErrorCode, message: str, status: int) -> JsonResponse:
@@ -33,9 +35,18 @@ async def publish_message(request: HttpRequest, name: str) -> JsonResponse:
     201 ``{"topic": name, "id": N}``; 404 ``UNKNOWN_TOPIC``; 400 ``BAD_JSON`` or
     ``BAD_FRAME`` by the rules of the PUBLISH frame. The message reaches the
     topic's WebSocket subscribers and its e-mail subscribers like any other.
+    With ``TURTLEMQ_AUTH`` on: 401 ``UNAUTHORIZED`` without a valid
+    ``Authorization: Bearer KEY``, 403 when the key may not publish to the topic.
     """
     if len(request.body) > settings.TURTLEMQ_MAX_FRAME_BYTES:
         return _error(ErrorCode.BAD_FRAME, "the body is larger than the frame limit", 413)
+    grant = access.FULL_ACCESS
+    if settings.TURTLEMQ_AUTH:
+        grant = await authenticate_bearer(request.headers.get("Authorization"))
+        if grant is None:
+            response = _error(ErrorCode.UNAUTHORIZED, "present an access key as 'Authorization: Bearer KEY'", 401)
+            response["WWW-Authenticate"] = 'Bearer realm="turtlemq"'
+            return response
     try:
         body: Any = json.loads(request.body)
     except (ValueError, RecursionError):
@@ -44,7 +55,10 @@ async def publish_message(request: HttpRequest, name: str) -> JsonResponse:
         return _error(ErrorCode.BAD_FRAME, 'the body must be a JSON object such as {"data": "..."}', 400)
     try:
         frame = parse_publish({**body, "type": "PUBLISH", "topic": name})
+        access.authorize(grant, "PUBLISH", frame)
         published = await publish(frame.topic, frame.data)
+    except access.Unauthorized as exc:
+        return _error(exc.code, exc.message, 403)
     except topics.UnknownTopic as exc:
         return _error(exc.code, exc.message, 404)
     except ProtocolError as exc:

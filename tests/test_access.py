@@ -21,11 +21,11 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
-from django.test import Client
+from django.test import AsyncClient, Client
 
 from broker import access
 from broker.models import AccessKey, Connection, Task
-from subscriptions.models import Topic
+from subscriptions.models import Message, Topic
 from subscriptions.names import matches
 from tests.communicators import TIMEOUT, Peer, Peers
 from turtlemq_site.asgi import application
@@ -673,4 +673,56 @@ def test_allowed_origins_are_read_from_a_comma_separated_list(monkeypatch):
     assert runpy.run_path(str(SETTINGS_FILE))["TURTLEMQ_ALLOWED_ORIGINS"] == [
         "https://a.example",
         "http://localhost:3000",
+    ]
+
+
+# --- the HTTP publish API -----------------------------------------------------------------------------------
+
+
+async def http_publish(topic: str, authorization: str | None = None) -> Any:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    return await AsyncClient().post(
+        f"/api/topics/{topic}/messages", {"data": "hello"}, content_type="application/json", headers=headers
+    )
+
+
+@pytestmark_consumer
+async def test_the_http_publish_api_needs_no_key_with_access_control_off(settings):
+    settings.TURTLEMQ_AUTH = False
+    await make_topics("weather")
+
+    assert (await http_publish("weather")).status_code == 201
+
+
+@pytestmark_consumer
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Basic dXNlcjpwdw==", "Bearer", "Bearer tmq_00000000_wrong"],
+    ids=["none", "basic", "empty bearer", "wrong key"],
+)
+async def test_the_http_publish_api_answers_401_without_a_valid_key(auth_on, authorization):
+    await make_topics("weather")
+
+    response = await http_publish("weather", authorization)
+
+    assert response.status_code == 401 and response["WWW-Authenticate"].startswith("Bearer")
+    assert response.json()["code"] == "UNAUTHORIZED"
+    assert not await database_sync_to_async(Message.objects.exists)()
+
+
+@pytestmark_consumer
+async def test_the_http_publish_api_needs_the_publisher_role_and_an_allowed_topic(auth_on):
+    await make_topics("news.sports", "weather")
+    subscriber = await new_key("subscriber")
+    publisher = await new_key("publisher", topics=("news.#",))
+
+    denied_role = await http_publish("news.sports", f"Bearer {subscriber}")
+    denied_topic = await http_publish("weather", f"Bearer {publisher}")
+    allowed = await http_publish("news.sports", f"Bearer {publisher}")
+
+    assert (denied_role.status_code, denied_role.json()["code"]) == (403, "UNAUTHORIZED")
+    assert (denied_topic.status_code, denied_topic.json()["code"]) == (403, "UNAUTHORIZED")
+    assert (allowed.status_code, allowed.json()) == (201, {"topic": "news.sports", "id": 1})
+    assert await database_sync_to_async(lambda: list(Message.objects.values_list("topic__name", flat=True)))() == [
+        "news.sports"
     ]
