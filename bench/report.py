@@ -27,11 +27,15 @@ class Row:
     note: str = ""
 
     def figure(self, workload: str) -> float | None:
-        """The workload's main figure when it was measured and verified."""
+        """The workload's main figure when it was verified, or the rate reached when it timed out."""
         summary = self.figures.get(workload) or {}
-        if summary.get("error") or not summary.get("ok", True):
+        if not (summary.get("ok", True) or summary.get("timed_out")):
             return None
         return summary.get(MAIN_FIGURE[workload])
+
+    def partial(self, workload: str) -> bool:
+        """Whether the workload's figure comes from a run that timed out."""
+        return bool((self.figures.get(workload) or {}).get("timed_out"))
 
 
 @dataclass
@@ -82,8 +86,14 @@ def figures_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else ""
+PARTIAL_NOTE = "\\* from a run that timed out: the rate of what was answered or delivered within the time limit."
+
+
+def ratio(ours: Row, theirs: Row, workload: str) -> str:
+    a, b = ours.figure(workload), theirs.figure(workload)
+    if not (a and b):
+        return ""
+    return f"{a / b:.2f}x" + ("\\*" if ours.partial(workload) or theirs.partial(workload) else "")
 
 
 def ratios_table(rows: list[Row]) -> str:
@@ -96,10 +106,10 @@ def ratios_table(rows: list[Row]) -> str:
         if not ours.key.startswith("turtlemq-embedded"):
             keys.insert(0, f"turtlemq-embedded-{ours.server}")
         for theirs in (by_key[key] for key in keys if key in by_key):
-            cells = [ratio(ours.figure(w), theirs.figure(w)) for w in WORKLOADS]
+            cells = [ratio(ours, theirs, w) for w in WORKLOADS]
             if any(cells):
                 lines.append(f"| {ours.label} | {theirs.label} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", PARTIAL_NOTE])
 
 
 def targets(rows: list[Row], memory: list[Memory]) -> str:
@@ -107,12 +117,13 @@ def targets(rows: list[Row], memory: list[Memory]) -> str:
     by_key = {row.key: row for row in rows}
     embedded = by_key.get(f"turtlemq-embedded-{PRODUCTION_SERVER}")
     lean = by_key.get(f"channels-relay-{PRODUCTION_SERVER}")
-    checks: list[tuple[str, float | None, float]] = []
+    checks: list[tuple[str, float | None, float, bool]] = []
 
     def against(ours: Row | None, theirs: Row | None, workload: str, goal: float, what: str) -> None:
         value = ours.figure(workload) if ours else None
         reference = theirs.figure(workload) if theirs else None
-        checks.append((what, value / reference if value and reference else None, goal))
+        partial = any(row is not None and row.partial(workload) for row in (ours, theirs))
+        checks.append((what, value / reference if value and reference else None, goal, partial))
 
     for workload, goal in (("W1", 0.5), ("W2", 0.5), ("W3", 3.0)):
         against(embedded, lean, workload, goal, f"embedded {workload} / lean Channels relay ({PRODUCTION_SERVER})")
@@ -124,16 +135,16 @@ def targets(rows: list[Row], memory: list[Memory]) -> str:
     for workload in ("W1", "W3"):
         against(postgres, embedded, workload, 0.5, f"PostgreSQL + Redis {workload} / embedded")
     lines = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
-    for what, value, goal in checks:
-        measured = "" if value is None else f"{value:.2f}x"
-        met = "not measured" if value is None else ("yes" if value >= goal else "**no**")
+    for what, value, goal, partial in checks:
+        measured = "" if value is None else f"{value:.2f}x" + ("\\*" if partial else "")
+        met = "no figure" if value is None else ("yes" if value >= goal else "**no**")
         lines.append(f"| {what} | {measured} | >= {goal:g}x | {met} |")
     for entry in memory:
         kb = entry.per_connection_kb
         lines.append(
             f"| idle subscriber connection, {entry.label} | {kb:.1f} KB | < 40 KB | {'yes' if kb < 40 else '**no**'} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", PARTIAL_NOTE])
 
 
 def memory_table(memory: list[Memory]) -> str:

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -270,7 +271,7 @@ def load_average() -> str:
 
 def section(options: argparse.Namespace, started: datetime.datetime, load_before: str, body: str) -> str:
     info = machine()
-    command = " ".join(["python -m bench.run", *options.argv]) if options.argv else "python -m bench.run"
+    command = shlex.join(["python", "-m", "bench.run", *options.argv])
     note = options.note or ""
     return f"""
 ## {started:%Y-%m-%d %H:%M} UTC: `make bench`
