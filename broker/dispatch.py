@@ -234,9 +234,10 @@ def _unannounced(last_heartbeat: datetime, now: datetime) -> Effects:
     A process announces its effects right after each commit; one that dies in
     between leaves a result that a connected client never hears of (until it
     reconnects) and a task that a worker elsewhere holds without knowing.
-    So: every outcome not yet delivered to a live client connection, and a
-    reminder (as in rule 4) of every task handed out around the time of death.
-    Sending either twice is harmless to peers that follow the protocol.
+    So: every outcome whose delivery to a live client connection is not
+    recorded, and a reminder (as in rule 4) of every task handed out around the
+    time of death. A peer sees one of them twice only if the first was on its
+    way at the time (``turtlemq_client`` ignores such repeats).
     """
     live_clients = Connection.objects.live().clients().values("channel_name")
     outcomes = [

@@ -83,7 +83,8 @@ async def going_away(channels: list[str], layer: BaseChannelLayer | None = None)
         try:
             await layer.send(channel, dict(event))
         except ChannelFull:
-            # Its peer stays connected to a process that forgot it; that peer's frames still work.
+            # Its peer stays on a connection the database counts as closed: a
+            # worker gets no more tasks there until it reconnects.
             logger.warning("channel %s is full; could not ask it to close", channel)
 
 

@@ -175,8 +175,9 @@ async def test_the_broker_answers_a_burst_of_random_frames_and_still_delivers_ac
                 assert output["type"] == "websocket.send", f"the broker closed on {text[:200]!r}: {output}"
                 answers.append(assert_sendable(output["text"]))
                 statuses -= answers[-1]["type"] == "STATUS"
+            replies = [answer for answer in answers if answer["type"] != "MESSAGE"]  # a fuzzed PUBLISH may fan out
             if expected_error is not None:
-                assert answers[0]["type"] == "ERROR" and answers[0]["code"] == expected_error, (text[:200], answers)
+                assert replies[0]["type"] == "ERROR" and replies[0]["code"] == expected_error, (text[:200], answers)
 
         worker = await peers.worker()
         while True:  # the burst may have submitted tasks of its own; answer everything
