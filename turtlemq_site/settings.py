@@ -194,6 +194,14 @@ TURTLEMQ_HEARTBEAT_INTERVAL = env_float("TURTLEMQ_HEARTBEAT_INTERVAL", 5.0)
 TURTLEMQ_PROCESS_DEAD_AFTER = env_float("TURTLEMQ_PROCESS_DEAD_AFTER", 15.0)
 # How often each broker process looks for due retries and dead processes.
 TURTLEMQ_TICK = env_float("TURTLEMQ_TICK", 1.0)
+# Lease in seconds of a task whose REQUEST_TASK sets no timeout: a worker that
+# holds it longer loses it (a failed attempt). Original TurtleMQ workers never
+# send TOUCH_TASK, so the default is long enough for long jobs; a worker that
+# vanished is found much sooner by the WebSocket ping. 0 turns leases off.
+TURTLEMQ_DEFAULT_LEASE = env_float("TURTLEMQ_DEFAULT_LEASE", 3600.0)
+# On SIGTERM, how long a broker process waits for its connections to close
+# after it handed back their work, before it drops the rest and exits.
+TURTLEMQ_SHUTDOWN_GRACE = env_float("TURTLEMQ_SHUTDOWN_GRACE", 5.0)
 
 # --- Access control and limits (broker.access, broker.ratelimit) -------------
 
