@@ -16,6 +16,10 @@ SUBSCRIBE joins the topic's group *before* reading where the topic stands,
 then sends the stored messages above ``since``; live events that arrive
 meanwhile wait in the channel (a consumer handles one event at a time) and
 are then dropped or sent by the rule above: no gap, no duplicate.
+
+UNSUBSCRIBE P undoes SUBSCRIBE P: a topic stays followed while another of the
+connection's subscriptions (a name or a pattern) still covers it. SUBSCRIBE to
+a topic already followed sends its content again but replays nothing.
 """
 
 from __future__ import annotations
