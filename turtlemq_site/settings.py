@@ -118,6 +118,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": SQLITE_PATH,
+            # Keep the connection: Django's default (0) closes it after every
+            # database_sync_to_async call, and reopening SQLite (init_command,
+            # a WAL checkpoint on the last close) cost most of a task's time.
+            "CONN_MAX_AGE": None,
             "OPTIONS": {
                 # IMMEDIATE takes the write lock when a transaction begins, so
                 # read-then-write transactions never fail half way with
