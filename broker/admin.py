@@ -187,21 +187,29 @@ class TaskAdmin(admin.ModelAdmin):
 # --- connections ------------------------------------------------------------------------
 
 
-class LiveFilter(admin.SimpleListFilter):
+class UnsetDateFilter(admin.SimpleListFilter):
+    """Rows whose ``field_name`` date is unset (still open/running) or set (closed/stopped)."""
+
+    field_name: str
+    unset_label: str
+    set_label: str
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", self.unset_label), ("no", self.set_label)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(**{f"{self.field_name}__isnull": self.value() == "yes"})
+        return queryset
+
+
+class LiveFilter(UnsetDateFilter):
     """Connections that are open, or closed."""
 
     title = "connection"
     parameter_name = "live"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return [("yes", "live"), ("no", "disconnected")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Connection]) -> QuerySet[Connection]:
-        if self.value() == "yes":
-            return queryset.filter(disconnected_at__isnull=True)
-        if self.value() == "no":
-            return queryset.filter(disconnected_at__isnull=False)
-        return queryset
+    field_name = "disconnected_at"
+    unset_label, set_label = "live", "disconnected"
 
 
 class HeldTaskInline(admin.TabularInline):
@@ -350,21 +358,13 @@ class ClientAdmin(ConnectionAdmin):
 # --- broker processes --------------------------------------------------------------------
 
 
-class RunningFilter(admin.SimpleListFilter):
+class RunningFilter(UnsetDateFilter):
     """Processes that are running, or stopped (cleanly or reaped by another)."""
 
     title = "status"
     parameter_name = "running"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return [("yes", "running"), ("no", "stopped")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[BrokerProcess]) -> QuerySet[BrokerProcess]:
-        if self.value() == "yes":
-            return queryset.filter(stopped_at__isnull=True)
-        if self.value() == "no":
-            return queryset.filter(stopped_at__isnull=False)
-        return queryset
+    field_name = "stopped_at"
+    unset_label, set_label = "running", "stopped"
 
 
 @admin.register(BrokerProcess)

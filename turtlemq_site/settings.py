@@ -192,9 +192,8 @@ TURTLEMQ_MAX_FRAME_BYTES = env_int("TURTLEMQ_MAX_FRAME_BYTES", 1024 * 1024)
 TURTLEMQ_MAX_ATTEMPTS = env_int("TURTLEMQ_MAX_ATTEMPTS", 3)
 # Delay before the first retry of a failed task; it doubles with each failure.
 TURTLEMQ_RETRY_BACKOFF = env_float("TURTLEMQ_RETRY_BACKOFF", 1.0)
-# Seconds between a broker process's heartbeats, and how long a silent
-# process may stay silent before the others take back what its workers hold.
-TURTLEMQ_HEARTBEAT_INTERVAL = env_float("TURTLEMQ_HEARTBEAT_INTERVAL", 5.0)
+# How long a broker process may stay silent (it beats its heartbeat every
+# TURTLEMQ_TICK) before the others take back what its workers hold.
 TURTLEMQ_PROCESS_DEAD_AFTER = env_float("TURTLEMQ_PROCESS_DEAD_AFTER", 15.0)
 # How often each broker process looks for due retries and dead processes.
 TURTLEMQ_TICK = env_float("TURTLEMQ_TICK", 1.0)

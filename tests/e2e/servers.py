@@ -41,7 +41,6 @@ PING_DEFAULTS = {"TURTLEMQ_PING_INTERVAL": "20", "TURTLEMQ_PING_TIMEOUT": "30"}
 # Quick failure detection so that tests about dead processes finish fast.
 FAST_HOUSEKEEPING = {
     "TURTLEMQ_TICK": "0.2",
-    "TURTLEMQ_HEARTBEAT_INTERVAL": "0.5",
     "TURTLEMQ_PROCESS_DEAD_AFTER": "3",
     "TURTLEMQ_RETRY_BACKOFF": "0.2",
 }
