@@ -439,3 +439,10 @@ def test_broker_process_list_shows_heartbeat_whether_it_runs_and_its_connections
     assert "Heartbeat at" in response.content.decode()
     assert listed(admin_client.get(PROCESSES, {"running": "yes"})) == [running]
     assert listed(admin_client.get(PROCESSES, {"running": "no"})) == [stopped]
+
+
+@pytest.mark.django_db
+def test_the_admin_stylesheets_are_served_by_the_broker_itself(admin_client):
+    response = admin_client.get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content if response.streaming else [response.content]).strip()
