@@ -82,6 +82,15 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             await producer
         finally:
             producer.cancel()
+            # After an error, the submissions still queued end with the command: stop them,
+            # and retrieve their outcome so that asyncio does not report it as lost.
+            while not submitted.empty():
+                if (pending := submitted.get_nowait()) is None:
+                    continue
+                if not pending.done():
+                    pending.cancel()
+                elif not pending.cancelled():
+                    pending.exception()  # retrieved, so asyncio does not log it as lost
     return 1 if failures else 0
 
 
