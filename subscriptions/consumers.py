@@ -12,10 +12,17 @@ what makes delivery exactly-once and in order:
   publishers in different processes) or one was lost: the missing messages
   are read from the database and sent first.
 
-SUBSCRIBE joins the topic's group *before* reading where the topic stands,
-then sends the stored messages above ``since``; live events that arrive
-meanwhile wait in the channel (a consumer handles one event at a time) and
-are then dropped or sent by the rule above: no gap, no duplicate.
+Live messages reach a connection through its process's fan-out
+(``subscriptions.fanout``: one layer message per process and topic, the frame
+encoded once), which offers each to every local follower. A message that
+continues a topic in order is sent at once; anything else, and anything that
+arrives while the connection changes what it follows or catches up, waits in
+``_topic_pending`` and is settled under ``_topic_lock``, one at a time.
+
+SUBSCRIBE starts following a topic *before* reading where the topic stands,
+then sends the stored messages above ``since``; live messages that arrive
+meanwhile wait and are then dropped or sent by the rule above: no gap, no
+duplicate.
 
 UNSUBSCRIBE P undoes SUBSCRIBE P: a topic stays followed while another of the
 connection's subscriptions (a name or a pattern) still covers it. SUBSCRIBE to
@@ -24,14 +31,17 @@ a topic already followed sends its content again but replays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
 
 from . import protocol, topics
-from .events import TOPICS_GROUP, TopicCreatedEvent, TopicMessageEvent, announce_message, topic_group
+from .events import TOPICS_GROUP, TopicCreatedEvent, TopicMessageEvent, announce_message
+from .fanout import ProcessFanout, process_fanout
 from .names import matches
 
 if TYPE_CHECKING:
@@ -66,18 +76,28 @@ class TopicFramesMixin:
 
         async def send_frame(self, frame: Mapping[str, Any]) -> None: ...
 
+        async def send(
+            self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+        ) -> None: ...
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._following: dict[int, Following] = {}  # topic id -> state
         self._patterns: set[str] = set()  # wildcard subscriptions, which also follow new topics
+        self._topic_lock = asyncio.Lock()  # held while what we follow changes or a topic catches up
+        self._topic_pending: list[TopicMessageEvent] = []  # live messages to settle under the lock, in arrival order
+        self._settling: asyncio.Future[None] | None = None  # a task settling a gap (kept: the loop holds tasks weakly)
 
     async def disconnect(self, code: int) -> None:
-        for topic_id in list(self._following):
-            await self.channel_layer.group_discard(topic_group(topic_id), self.channel_name)
-        if self._patterns:
-            await self.channel_layer.group_discard(TOPICS_GROUP, self.channel_name)
-        self._following.clear()
-        self._patterns.clear()
+        async with self._topic_lock:
+            fanout = self._fanout()
+            for topic_id in list(self._following):
+                await fanout.unfollow(topic_id, self)
+            if self._patterns:
+                await self.channel_layer.group_discard(TOPICS_GROUP, self.channel_name)
+            self._following.clear()
+            self._patterns.clear()
+            self._topic_pending.clear()
         await super().disconnect(code)  # type: ignore[misc]
 
     # --- frames from the peer ---------------------------------------------------
@@ -86,6 +106,10 @@ class TopicFramesMixin:
         await self.send_frame(protocol.topics_frame(await list_topic_names()))
 
     async def on_subscribe(self, text: str, obj: Mapping[str, Any], frame: protocol.Subscribe) -> None:
+        async with self._topic_section():
+            await self._subscribe(frame)
+
+    async def _subscribe(self, frame: protocol.Subscribe) -> None:
         if not frame.exact and not self._patterns:
             # Before looking for matches: a topic created meanwhile is announced to us.
             await self.channel_layer.group_add(TOPICS_GROUP, self.channel_name)
@@ -94,7 +118,7 @@ class TopicFramesMixin:
         found = await resolve_subscription(frame.topic, frame.email)  # UNKNOWN_TOPIC for an unknown exact name
         new = [topic for topic in found if topic.id not in self._following]
         for topic in new:
-            await self.channel_layer.group_add(topic_group(topic.id), self.channel_name)
+            await self._fanout().follow(topic.id, self)
         state = await snapshot([topic.id for topic in new], found[0].id if frame.exact else None)
         for topic in found:
             if topic.id in self._following:
@@ -105,7 +129,7 @@ class TopicFramesMixin:
                 self._following[topic.id] = Following(topic.name, start, {frame.topic})
             else:
                 # Deleted between the two reads: nothing to follow.
-                await self.channel_layer.group_discard(topic_group(topic.id), self.channel_name)
+                await self._fanout().unfollow(topic.id, self)
         await self.send_frame(protocol.subscribed_frame(frame.topic, state.content or "", state.content_last_id))
         if frame.since is not None:
             for topic in sorted(new, key=lambda t: t.name):
@@ -113,6 +137,10 @@ class TopicFramesMixin:
                     await self._catch_up(topic.id, self._following[topic.id])
 
     async def on_unsubscribe(self, text: str, obj: Mapping[str, Any], frame: protocol.Unsubscribe) -> None:
+        async with self._topic_section():
+            await self._unsubscribe(frame)
+
+    async def _unsubscribe(self, frame: protocol.Unsubscribe) -> None:
         followed = any(frame.topic in following.via for following in self._following.values())
         if frame.email is not None or (frame.exact and not followed):
             await leave(frame.topic, frame.email)  # UNKNOWN_TOPIC for a name no topic has
@@ -120,7 +148,7 @@ class TopicFramesMixin:
             following.via.discard(frame.topic)
             if not following.via:
                 del self._following[topic_id]
-                await self.channel_layer.group_discard(topic_group(topic_id), self.channel_name)
+                await self._fanout().unfollow(topic_id, self)
         if frame.topic in self._patterns:
             self._patterns.discard(frame.topic)
             if not self._patterns:
@@ -134,8 +162,29 @@ class TopicFramesMixin:
 
     # --- channel-layer events -----------------------------------------------------------
 
+    async def offer_topic_message(self, event: TopicMessageEvent, text: str) -> None:
+        """The process fan-out offers a live message (``text``: its MESSAGE frame): send it, or settle it later."""
+        if self._topic_lock.locked() or self._topic_pending:
+            self._topic_pending.append(event)  # after what waits already: order is kept
+            return
+        following = self._following.get(event["topic_id"])
+        if following is None or event["id"] <= following.last_id:
+            return
+        if event["id"] == following.last_id + 1:
+            following.last_id = event["id"]  # before the await: a later offer sees it
+            await self.send(text_data=text)
+            return
+        # A gap: fill it from the database in a task of our own, not the process's reader.
+        self._topic_pending.append(event)
+        self._settling = asyncio.ensure_future(self._settle_pending())
+
     async def topic_message(self, event: TopicMessageEvent) -> None:
-        """A message on a topic's group: send it as MESSAGE, after any it overtook, unless already sent."""
+        """A ``topic.message`` sent to this connection's own channel: settle it like an offered one."""
+        async with self._topic_section():
+            await self._send_topic_message(event)
+
+    async def _send_topic_message(self, event: TopicMessageEvent) -> None:
+        """Send a live message as MESSAGE, after any it overtook, unless already sent."""
         following = self._following.get(event["topic_id"])
         if following is None or event["id"] <= following.last_id:
             return
@@ -146,6 +195,10 @@ class TopicFramesMixin:
 
     async def topic_created(self, event: TopicCreatedEvent) -> None:
         """A new topic: follow it from its first message if one of our patterns matches it."""
+        async with self._topic_section():
+            await self._follow_created(event)
+
+    async def _follow_created(self, event: TopicCreatedEvent) -> None:
         via = {pattern for pattern in self._patterns if matches(pattern, event["topic"])}
         if not via:
             return
@@ -153,11 +206,28 @@ class TopicFramesMixin:
         if following is not None:
             following.via |= via
             return
-        await self.channel_layer.group_add(topic_group(event["topic_id"]), self.channel_name)
+        await self._fanout().follow(event["topic_id"], self)
         following = self._following[event["topic_id"]] = Following(event["topic"], 0, via)
         await self._catch_up(event["topic_id"], following)
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _fanout(self) -> ProcessFanout:
+        return process_fanout(self.channel_layer)
+
+    @asynccontextmanager
+    async def _topic_section(self) -> AsyncIterator[None]:
+        """Change what we follow (or catch up) with live messages held back, then settle those in order."""
+        async with self._topic_lock:
+            try:
+                yield
+            finally:
+                while self._topic_pending:
+                    await self._send_topic_message(self._topic_pending.pop(0))
+
+    async def _settle_pending(self) -> None:
+        async with self._topic_section():
+            pass
 
     async def _catch_up(self, topic_id: int, following: Following, before: int | None = None) -> None:
         """Send the stored messages after ``following.last_id`` (and before ``before``), in order."""
