@@ -27,7 +27,7 @@ from django.conf import settings
 from subscriptions.consumers import TopicFramesMixin
 from subscriptions.protocol import TOPIC_PARSERS
 
-from . import access, dispatch, events, protocol
+from . import access, dispatch, events, local, protocol
 from .models import Connection
 from .node import NodeStopped, node
 from .protocol import ErrorCode, ProtocolError
@@ -101,6 +101,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             return
         self._frames = TokenBucket(settings.TURTLEMQ_MAX_FRAMES_PER_SECOND, settings.TURTLEMQ_FRAME_BURST)
         await self.accept()
+        local.register(self.channel_name, self)
         if settings.TURTLEMQ_AUTH:
             self.grant = None
             token = access.token_from_scope(self.scope)
@@ -114,6 +115,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
                 self._auth_deadline = asyncio.ensure_future(self._expect_key(settings.TURTLEMQ_AUTH_TIMEOUT))
 
     async def disconnect(self, code: int) -> None:
+        local.unregister(self.channel_name)
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
         if self._key_group is not None:
@@ -286,14 +288,8 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         await self.send_frame(protocol.error_frame(exc.code, exc.message, ref))
 
     async def ring(self, effects: dispatch.Effects) -> None:
-        """Announce effects; those meant for this very connection skip the channel layer."""
-        await events.ring(effects, self.channel_layer, self._deliver_here)
-
-    async def _deliver_here(self, channel: str, event: dict[str, Any]) -> bool:
-        if channel != self.channel_name:
-            return False
-        await self.dispatch(event)
-        return True
+        """Announce effects; those meant for a connection of this process skip the channel layer."""
+        await events.ring(effects, self.channel_layer, local.deliver)
 
     async def _flush_delivered(self) -> None:
         # Outcomes sent while a flush was running are marked by the next
