@@ -8,12 +8,13 @@ parts are chosen by environment variables:
   PostgreSQL; ``REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``) selects the
   channels-redis layer, so that several broker processes share the work.
 * ``SECRET_KEY``, ``DEBUG``, ``ALLOWED_HOSTS`` as in any Django project. With
-  ``DEBUG`` off the development secret key is refused at start-up.
+  ``DEBUG`` off, start-up refuses to go on without ``SECRET_KEY``.
 * ``TURTLEMQ_*`` tune the broker (see the bottom of this file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -43,19 +44,18 @@ def env_int(name: str, default: int) -> int:
 
 # --- Security -------------------------------------------------------------
 
-DEVELOPMENT_SECRET_KEY = "django-insecure-turtlemq-development-only"
-
 DEBUG = env_bool("DEBUG", True)
-SECRET_KEY = os.environ.get("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
 ALLOWED_HOSTS = [
     host.strip() for host in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if host.strip()
 ]
-
-if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
-    # Refuse to serve production traffic with a key everybody can read.
-    raise ImproperlyConfigured(
-        "DEBUG is off but SECRET_KEY is the development default: set SECRET_KEY in the environment."
-    )
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        # Refuse to serve production traffic without a key of its own.
+        raise ImproperlyConfigured("DEBUG is off but SECRET_KEY is not set: set SECRET_KEY in the environment.")
+    # Development only: a key derived from where this checkout lives, so that
+    # every broker process of one checkout signs admin sessions alike.
+    SECRET_KEY = hashlib.sha256(f"turtlemq development {BASE_DIR}".encode()).hexdigest()
 
 # --- Applications ---------------------------------------------------------
 
