@@ -29,7 +29,7 @@ from . import access, dispatch, events
 from .models import AccessKey, BrokerProcess, ClientConnection, Connection, Task, WorkerConnection
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyMixin:
     """Viewable, never added, changed or deleted by hand: the broker owns these rows."""
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -40,6 +40,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """A read-only model admin."""
 
 
 def _changelist_link(model: type, text: object, **params: object) -> str:
@@ -212,7 +216,7 @@ class LiveFilter(UnsetDateFilter):
     unset_label, set_label = "live", "disconnected"
 
 
-class HeldTaskInline(admin.TabularInline):
+class HeldTaskInline(ReadOnlyMixin, admin.TabularInline):
     """The tasks a worker holds right now."""
 
     model = Task
@@ -231,15 +235,6 @@ class HeldTaskInline(admin.TabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Task]:
         return super().get_queryset(request).assigned().order_by("pk")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class ConnectionAdmin(ReadOnlyAdmin):
