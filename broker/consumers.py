@@ -27,7 +27,7 @@ from django.conf import settings
 from subscriptions.consumers import TopicFramesMixin
 from subscriptions.protocol import TOPIC_PARSERS
 
-from . import access, dispatch, events, local, protocol
+from . import access, commits, dispatch, events, local, protocol
 from .models import Connection
 from .node import NodeStopped, node
 from .protocol import ErrorCode, ProtocolError
@@ -45,12 +45,6 @@ CLOSE_UNAUTHORIZED = 4401  # an application code: missing, wrong or revoked acce
 
 register_client = database_sync_to_async(dispatch.register_client)
 register_worker = database_sync_to_async(dispatch.register_worker)
-release_connection = database_sync_to_async(dispatch.release_connection)
-submit_task = database_sync_to_async(dispatch.submit_task)
-complete_task = database_sync_to_async(dispatch.complete_task)
-fail_task = database_sync_to_async(dispatch.fail_task)
-touch_task = database_sync_to_async(dispatch.touch_task)
-mark_delivered = database_sync_to_async(dispatch.mark_delivered)
 broker_status = database_sync_to_async(dispatch.broker_status)
 authenticate = database_sync_to_async(access.authenticate)
 current_grant = database_sync_to_async(access.current_grant)
@@ -121,8 +115,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         if self._key_group is not None:
             await self.channel_layer.group_discard(self._key_group, self.channel_name)
         if self.connection_id is not None:
-            effects = await release_connection(self.connection_id)
-            await events.ring(effects)
+            await commits.run(dispatch.Release(self.connection_id))
         await self._flush_delivered()
         await super().disconnect(code)
 
@@ -182,7 +175,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
 
     async def on_request_task(self, text: str, obj: Mapping[str, Any], frame: protocol.RequestTask) -> None:
         self._require_role(Connection.Role.CLIENT)
-        effects = await submit_task(
+        submit = dispatch.Submit(
             self.channel_name,
             self.client_id,
             frame.message_id,
@@ -191,20 +184,24 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             frame.max_attempts,
             self._unanswered,
         )
-        self._unanswered += 1
-        await self.ring(effects)
+        self._unanswered += 1  # before the outcome can arrive, which counts it down
+        try:
+            await commits.run(submit)
+        except BaseException:
+            self._unanswered -= 1
+            raise
 
     async def on_response_task(self, text: str, obj: Mapping[str, Any], frame: protocol.ResponseTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await self.ring(await complete_task(self.connection_id, frame.task_id, frame.data))
+        await commits.run(dispatch.Complete(self.connection_id, frame.task_id, frame.data))
 
     async def on_fail_task(self, text: str, obj: Mapping[str, Any], frame: protocol.FailTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await self.ring(await fail_task(self.connection_id, frame.task_id, frame.error))
+        await commits.run(dispatch.Fail(self.connection_id, frame.task_id, frame.error))
 
     async def on_touch_task(self, text: str, obj: Mapping[str, Any], frame: protocol.TouchTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await touch_task(self.connection_id, frame.task_id)
+        await commits.run(dispatch.Touch(self.connection_id, frame.task_id))
 
     async def on_status(self, text: str, obj: Mapping[str, Any], frame: protocol.Status) -> None:
         await self.send_frame(protocol.status_frame(await broker_status()))
@@ -297,7 +294,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         while self._delivered:
             batch, self._delivered = self._delivered, []
             try:
-                await mark_delivered(batch)
+                await commits.run(dispatch.MarkDelivered(batch))
             except Exception:
                 logger.exception("could not record the delivery of tasks %s", batch)
 

@@ -48,14 +48,16 @@ import logging
 import os
 import socket
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, DateTimeField, F, Q, Value, When
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
+from . import sql
 from .models import BrokerProcess, Connection, Task
 from .protocol import ErrorCode, ProtocolError
 
@@ -325,11 +327,7 @@ def register_worker(process_id: int, channel_name: str, concurrency: int, remote
 
 def release_connection(connection_id: int) -> Effects:
     """A connection closed: a worker's tasks go back to the queue and on to idle workers."""
-    now = timezone.now()
-    with transaction.atomic():
-        if not _release([connection_id], now):
-            return Effects()
-        return Effects(assignments=_assign(now))
+    return run_one(Release(connection_id))
 
 
 def _release(connection_ids: list[int], now: datetime) -> int:
@@ -342,7 +340,256 @@ def _release(connection_ids: list[int], now: datetime) -> int:
     return closed
 
 
-# --- the life of a task -------------------------------------------------------------
+# --- batches: the operations of many connections in one transaction -----------------
+
+
+class Batch:
+    """The operations run in one transaction, and what they add up to.
+
+    Operations run in order, each seeing the changes of those before it. What
+    is better done once for all of them waits for :meth:`finish`: the slots
+    that completions and failures freed are refilled from the queue (or
+    given back), the outcomes sent are marked delivered in one statement, and
+    one assignment round runs if tasks or workers became available.
+    """
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self.effects = Effects()
+        self.freed: dict[int, int] = {}  # worker id -> slots freed in this batch
+        self.delivered: list[int] = []
+        self.assign_round = False
+
+    def free_slot(self, worker_id: int) -> None:
+        self.freed[worker_id] = self.freed.get(worker_id, 0) + 1
+
+    def finish(self) -> None:
+        if self.freed:
+            self._refill()
+        if self.assign_round:
+            self.effects.assignments.extend(_assign(self.now))
+        if self.delivered:
+            sql.mark_delivered(self.delivered, self.now)
+
+    def _refill(self) -> None:
+        """Hand the workers that freed slots the oldest due tasks; give back the slots left over.
+
+        Any due task would already have gone to a worker idle for longer, had
+        there been one, so the workers that free up are the right ones to take
+        them, and their slots stay taken, which saves updating their rows.
+        """
+        unfilled = dict(self.freed)
+        tasks = sql.due_tasks(self.now, sum(unfilled.values()))
+        if tasks:
+            live = dict(sql.live_worker_channels(list(unfilled)))
+            workers = [(pk, live[pk], count) for pk, count in unfilled.items() if pk in live]
+            for worker_id, worker_tasks in _deal(tasks, workers).items():
+                assignments = _claim(worker_id, live[worker_id], worker_tasks, self.now)
+                unfilled[worker_id] -= len(assignments)
+                self.effects.assignments.extend(assignments)
+            if len(live) < len(unfilled):
+                self.assign_round = True  # what the closed ones would have taken may suit other workers
+        for worker_id, count in unfilled.items():
+            if count:
+                sql.give_back_slots(worker_id, count, self.now)
+
+
+class Operation:
+    """One change asked for by a connection, run in a :class:`Batch`.
+
+    ``apply`` may raise :class:`ProtocolError` only before it wrote anything,
+    so that a refused operation leaves the rest of its batch untouched.
+    """
+
+    def apply(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Submit(Operation):
+    """REQUEST_TASK: store a new task (durable before it is announced to anyone).
+
+    Within one ``clientId`` a repeated ``messageId`` creates nothing: for a
+    task in flight the one outcome is still to come; for a finished task the
+    stored outcome is sent again. Raises :class:`InFlightLimit` (creating
+    nothing) when the client already has ``TURTLEMQ_MAX_CLIENT_IN_FLIGHT``
+    unfinished tasks: counted in the database per ``clientId``; without one,
+    the client is its connection and ``unanswered`` is that connection's count.
+    """
+
+    reply_channel: str
+    client_id: str | None
+    message_id: str
+    data: str
+    timeout: float | None = None
+    max_attempts: int | None = None
+    unanswered: int = 0
+
+    def apply(self, batch: Batch) -> None:
+        limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
+        if self.client_id is None:
+            if limit and self.unanswered >= limit:
+                raise InFlightLimit(limit)
+            self._insert(batch.now)
+        else:
+            replay = self._insert_for_client(self.client_id, limit, batch.now)
+            if replay is not None:
+                batch.effects += replay
+                return
+        batch.assign_round = True
+
+    def _insert(self, now: datetime) -> None:
+        max_attempts = self.max_attempts or settings.TURTLEMQ_MAX_ATTEMPTS
+        sql.insert_task(self.message_id, self.client_id, self.reply_channel, self.data, self.timeout, max_attempts, now)
+
+    def _insert_for_client(self, client_id: str, limit: int, now: datetime) -> Effects | None:
+        """Insert unless ``messageId`` repeats; what a repeat owes the client, else None."""
+        repeat, unfinished = sql.client_task_counts(client_id, self.message_id)
+        if repeat:
+            return _existing_outcome(self.reply_channel, client_id, self.message_id) or Effects()
+        if limit and unfinished >= limit:
+            raise InFlightLimit(limit)
+        try:
+            # A savepoint: on PostgreSQL a failed insert would spoil the whole batch.
+            with transaction.atomic():
+                self._insert(now)
+        except IntegrityError:
+            # Another connection of the same clientId inserted this messageId
+            # between our look-up and our insert: it is a repeat after all.
+            replay = _existing_outcome(self.reply_channel, client_id, self.message_id)
+            if replay is None:
+                raise  # some other constraint failed: never report a lost task as a repeat
+            return replay
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Complete(Operation):
+    """RESPONSE_TASK: store the result of a task the worker holds and free its slot.
+
+    Raises :class:`UnknownTask` (changing nothing) when the worker does not hold it.
+    """
+
+    worker_id: int
+    task_id: str
+    result: str
+
+    def apply(self, batch: Batch) -> None:
+        row = None
+        if _is_task_id(self.task_id):
+            row = sql.complete_held(self.worker_id, int(self.task_id), self.result, batch.now)
+        if row is None:
+            raise UnknownTask(self.task_id, _held(self.worker_id))
+        reply_channel, message_id = row
+        batch.effects.outcomes.append(Outcome(reply_channel, int(self.task_id), message_id, True, self.result))
+        batch.free_slot(self.worker_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Fail(Operation):
+    """FAIL_TASK: retry after a backoff, or give up after the last attempt; the worker's slot frees up."""
+
+    worker_id: int
+    task_id: str
+    error: str
+
+    def apply(self, batch: Batch) -> None:
+        reply_channel, message_id, failures, max_attempts = _lock_held(
+            self.worker_id, self.task_id, "reply_channel", "message_id", "failures", "max_attempts"
+        )
+        batch.effects.outcomes.extend(
+            _record_failure(
+                int(self.task_id), reply_channel, message_id, failures + 1, max_attempts, self.error, batch.now
+            )
+        )
+        batch.free_slot(self.worker_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Touch(Operation):
+    """TOUCH_TASK: the worker still works on a task; renew its lease."""
+
+    worker_id: int
+    task_id: str
+
+    def apply(self, batch: Batch) -> None:
+        (timeout,) = _lock_held(self.worker_id, self.task_id, "timeout")
+        lease = lease_until(timeout, batch.now)
+        if lease is not None:
+            Task.objects.filter(pk=int(self.task_id)).update(lease_expires_at=lease)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkDelivered(Operation):
+    """The outcomes of these tasks were sent to their clients."""
+
+    task_ids: list[int]
+
+    def apply(self, batch: Batch) -> None:
+        batch.delivered.extend(self.task_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Operation):
+    """A connection closed: a worker's tasks go back to the queue and on to idle workers."""
+
+    connection_id: int
+
+    def apply(self, batch: Batch) -> None:
+        if _release([self.connection_id], batch.now):
+            batch.assign_round = True
+
+
+def run_batch(operations: Sequence[Operation]) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+    """Run ``operations`` in one transaction: each one's error (None if it went through), and the effects.
+
+    Should the transaction fail as a whole (a deadlock between broker
+    processes on PostgreSQL, say), each operation runs again on its own, so
+    that only the one at fault reports an error.
+    """
+    try:
+        return _run_together(operations)
+    except DatabaseError:
+        if len(operations) == 1:
+            raise
+        logger.warning("a batch of %s operations failed; running them one by one", len(operations), exc_info=True)
+    errors: list[ProtocolError | DatabaseError | None] = []
+    effects = Effects()
+    for operation in operations:
+        try:
+            (error,), own_effects = _run_together([operation])
+        except DatabaseError as exc:
+            errors.append(exc)
+            continue
+        errors.append(error)
+        effects += own_effects
+    return errors, effects
+
+
+def _run_together(operations: Sequence[Operation]) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+    errors: list[ProtocolError | DatabaseError | None] = []
+    with transaction.atomic():
+        batch = Batch(timezone.now())
+        for operation in operations:
+            try:
+                operation.apply(batch)
+            except ProtocolError as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        batch.finish()
+    return errors, batch.effects
+
+
+def run_one(operation: Operation) -> Effects:
+    """Run one operation in a transaction of its own; raise its error or return the effects."""
+    (error,), effects = run_batch([operation])
+    if error is not None:
+        raise error
+    return effects
+
+
+# --- the life of a task, one operation at a time (tools, tests) ------------------------
 
 
 def submit_task(
@@ -354,64 +601,28 @@ def submit_task(
     max_attempts: int | None = None,
     unanswered: int = 0,
 ) -> Effects:
-    """Store a new task (committed before anything else) and assign what can be assigned.
-
-    Within one ``clientId`` a repeated ``messageId`` creates nothing: for a task
-    in flight the one outcome is still to come; for a finished task the stored
-    outcome is sent again. Raises :class:`InFlightLimit` (creating nothing)
-    when the client already has ``TURTLEMQ_MAX_CLIENT_IN_FLIGHT`` unfinished
-    tasks: counted in the database per ``clientId``; without one, the client
-    is its connection and ``unanswered`` is that connection's count.
-    """
-    limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
-    if client_id is None and limit and unanswered >= limit:
-        raise InFlightLimit(limit)
-    try:
-        with transaction.atomic():
-            if client_id is not None:
-                replay, unfinished = _look_up_client_task(reply_channel, client_id, message_id)
-                if replay is not None:
-                    return replay
-                if limit and unfinished >= limit:
-                    raise InFlightLimit(limit)
-            now = timezone.now()
-            Task.objects.create(
-                message_id=message_id,
-                client_id=client_id,
-                reply_channel=reply_channel,
-                data=data,
-                timeout=timeout,
-                max_attempts=max_attempts or settings.TURTLEMQ_MAX_ATTEMPTS,
-            )
-            return Effects(assignments=_assign(now))
-    except IntegrityError:
-        # Another connection of the same clientId inserted this messageId
-        # between our look-up and our insert: it is a repeat after all.
-        if client_id is None:
-            raise
-        with transaction.atomic():
-            replay = _existing_outcome(reply_channel, client_id, message_id)
-        if replay is None:
-            raise  # some other constraint failed: never report a lost task as a repeat
-        return replay
+    """Store a new task and assign what can be assigned (see :class:`Submit`)."""
+    return run_one(Submit(reply_channel, client_id, message_id, data, timeout, max_attempts, unanswered))
 
 
-def _look_up_client_task(reply_channel: str, client_id: str, message_id: str) -> tuple[Effects | None, int]:
-    """What a repeat of ``message_id`` owes the client (``None``: not a repeat), and its unfinished task count.
+def complete_task(worker_id: int, task_id: str, result: str) -> Effects:
+    """A worker returned the result of a task it holds (see :class:`Complete`)."""
+    return run_one(Complete(worker_id, task_id, result))
 
-    One statement on the way to a new task, read from the indexes on
-    (client_id, message_id) and (client_id, state).
-    """
-    found = (
-        Task.objects.filter(client_id=client_id)
-        .filter(Q(message_id=message_id) | Q(state__in=Task.UNFINISHED_STATES))
-        .aggregate(
-            repeat=Count("pk", filter=Q(message_id=message_id)),
-            unfinished=Count("pk", filter=Q(state__in=Task.UNFINISHED_STATES)),
-        )
-    )
-    replay = _existing_outcome(reply_channel, client_id, message_id) if found["repeat"] else None
-    return replay, found["unfinished"]
+
+def fail_task(worker_id: int, task_id: str, error: str) -> Effects:
+    """A worker reported a failure (see :class:`Fail`)."""
+    return run_one(Fail(worker_id, task_id, error))
+
+
+def touch_task(worker_id: int, task_id: str) -> Effects:
+    """A worker still works on a task: renew its lease."""
+    return run_one(Touch(worker_id, task_id))
+
+
+def mark_delivered(task_ids: list[int]) -> Effects:
+    """The outcomes of these tasks were sent to their clients."""
+    return run_one(MarkDelivered(task_ids))
 
 
 def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Effects | None:
@@ -422,44 +633,6 @@ def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Ef
     if state in Task.UNFINISHED_STATES:
         return Effects()
     return Effects(outcomes=[_outcome(reply_channel, pk, message_id, state, result)])
-
-
-def complete_task(worker_id: int, task_id: str, result: str) -> Effects:
-    """A worker returned the result of a task it holds: store it and refill the worker's slot.
-
-    Raises :class:`UnknownTask` (changing nothing) when the worker does not hold it.
-    """
-    now = timezone.now()
-    with transaction.atomic():
-        reply_channel, message_id, worker_channel = _lock_held(
-            worker_id, task_id, "reply_channel", "message_id", "worker__channel_name"
-        )
-        Task.objects.filter(pk=int(task_id)).update(
-            state=Task.State.DONE, result=result, finished_at=now, lease_expires_at=None
-        )
-        outcome = Outcome(reply_channel, int(task_id), message_id, True, result)
-        return Effects(assignments=_refill_slot(worker_id, worker_channel, now), outcomes=[outcome])
-
-
-def fail_task(worker_id: int, task_id: str, error: str) -> Effects:
-    """A worker reported a failure: retry after a backoff, or give up after the last attempt."""
-    now = timezone.now()
-    with transaction.atomic():
-        reply_channel, message_id, failures, max_attempts, worker_channel = _lock_held(
-            worker_id, task_id, "reply_channel", "message_id", "failures", "max_attempts", "worker__channel_name"
-        )
-        outcomes = _record_failure(int(task_id), reply_channel, message_id, failures + 1, max_attempts, error, now)
-        return Effects(assignments=_refill_slot(worker_id, worker_channel, now), outcomes=outcomes)
-
-
-def touch_task(worker_id: int, task_id: str) -> None:
-    """A worker still works on a task: renew its lease."""
-    now = timezone.now()
-    with transaction.atomic():
-        (timeout,) = _lock_held(worker_id, task_id, "timeout")
-        lease = lease_until(timeout, now)
-        if lease is not None:
-            Task.objects.filter(pk=int(task_id)).update(lease_expires_at=lease)
 
 
 def lease_until(timeout: float | None, now: datetime) -> datetime | None:
@@ -484,14 +657,19 @@ def expire_leases(now: datetime) -> Effects:
             )
             # The slot is free from now on: a silent worker must not count as
             # idle since before its lease, or it would get the task straight back.
-            _free_slot(worker_id, now)
+            sql.give_back_slots(worker_id, 1, now)
             effects.assignments.extend(_assign(now))
     return effects
 
 
-def mark_delivered(task_ids: list[int]) -> None:
-    """The outcomes of these tasks were sent to their clients."""
-    Task.objects.filter(pk__in=task_ids, delivered_at__isnull=True).update(delivered_at=timezone.now())
+def _is_task_id(task_id: str) -> bool:
+    """Whether a wire taskId can name a task at all (ids are decimal and fit a 64-bit integer)."""
+    return task_id.isdecimal() and len(task_id) < 19
+
+
+def _held(worker_id: int) -> list[tuple[str, str]]:
+    """(taskId, data) of the tasks a worker holds: what rule 4 reminds it of."""
+    return [(str(pk), data) for pk, data in Task.objects.held_by(worker_id).values_list("pk", "data")]
 
 
 def _lock_held(worker_id: int, task_id: str, *fields: str) -> tuple:
@@ -501,37 +679,11 @@ def _lock_held(worker_id: int, task_id: str, *fields: str) -> tuple:
     operator cancelling) is either fully before or fully after ours.
     """
     row = None
-    if task_id.isdecimal() and len(task_id) < 19:
+    if _is_task_id(task_id):
         row = Task.objects.select_for_update().held_by(worker_id).filter(pk=int(task_id)).values_list(*fields).first()
     if row is None:
-        held = [(str(pk), data) for pk, data in Task.objects.held_by(worker_id).values_list("pk", "data")]
-        raise UnknownTask(task_id, held)
+        raise UnknownTask(task_id, _held(worker_id))
     return row
-
-
-def _refill_slot(worker_id: int, worker_channel: str, now: datetime) -> list[Assignment]:
-    """A worker just finished a task: hand it the oldest due task instead, or free its slot.
-
-    Any due task would already have gone to a worker idle for longer, had
-    there been one, so the worker that frees up is the right one to take it.
-    The slot stays taken, which saves updating the worker row.
-    """
-    candidate = Task.objects.due(now).select_for_update(skip_locked=True).values_list("pk", "data", "timeout").first()
-    if candidate is not None:
-        pk, data, timeout = candidate
-        lease = lease_until(timeout, now)
-        claimed = Task.objects.queued().filter(pk=pk).update(
-            state=Task.State.ASSIGNED, worker_id=worker_id, assigned_at=now, attempts=F("attempts") + 1,
-            lease_expires_at=lease,
-        )  # fmt: skip
-        if claimed:
-            return [Assignment(worker_channel, str(pk), data)]
-    _free_slot(worker_id, now)
-    return []
-
-
-def _free_slot(worker_id: int, now: datetime) -> None:
-    Connection.objects.filter(pk=worker_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1, ready_at=now)
 
 
 def _record_failure(
@@ -579,73 +731,49 @@ def _assign(now: datetime) -> list[Assignment]:
     rows; the updates are compare-and-set all the same, so SQLite (one writer)
     and any surprise stay correct.
     """
-    workers = list(
-        Connection.objects.with_free_slot()
-        .longest_idle_first()
-        .select_for_update(skip_locked=True)
-        .values_list("pk", "channel_name", "concurrency", "in_flight")[:WORKERS_PER_ROUND]
-    )
+    workers = sql.free_workers(WORKERS_PER_ROUND)
     if not workers:
         return []
-    free_slots = sum(concurrency - in_flight for _, _, concurrency, in_flight in workers)
-    tasks = list(
-        Task.objects.due(now).select_for_update(skip_locked=True).values_list("pk", "data", "timeout")[:free_slots]
-    )
+    tasks = sql.due_tasks(now, sum(free for _, _, free in workers))
     if not tasks:
         return []
-
-    # Deal the tasks out one slot per worker at a time, in idle order.
-    plan: dict[int, list[tuple[int, str, float | None]]] = {}
-    channels: dict[int, str] = {}
-    ring = deque([pk, channel, concurrency - in_flight] for pk, channel, concurrency, in_flight in workers)
-    for task in tasks:
-        slot = ring.popleft()
-        worker_pk, channel, free = slot
-        plan.setdefault(worker_pk, []).append(task)
-        channels[worker_pk] = channel
-        if free > 1:
-            slot[2] = free - 1
-            ring.append(slot)
-
+    channels = {pk: channel for pk, channel, _ in workers}
     assignments: list[Assignment] = []
-    for worker_pk, worker_tasks in plan.items():
-        count = len(worker_tasks)
-        claimed_worker = (
-            Connection.objects.live()
-            .filter(pk=worker_pk, in_flight__lte=F("concurrency") - count)
-            .update(in_flight=F("in_flight") + count, ready_at=now)
-        )
-        if not claimed_worker:
-            continue
-        task_ids = [pk for pk, _, _ in worker_tasks]
-        claimed = (
-            Task.objects.queued()
-            .filter(pk__in=task_ids)
-            .update(
-                state=Task.State.ASSIGNED,
-                worker_id=worker_pk,
-                assigned_at=now,
-                attempts=F("attempts") + 1,
-                lease_expires_at=_leases(worker_tasks, now),
-            )
-        )
-        if claimed != count:
+    for worker_id, worker_tasks in _deal(tasks, workers).items():
+        if not sql.take_slots(worker_id, len(worker_tasks), now):
+            continue  # it closed, or another process filled it meanwhile
+        claimed = _claim(worker_id, channels[worker_id], worker_tasks, now)
+        if len(claimed) < len(worker_tasks):
             # Someone else took some of them: keep what we got, give back the rest.
-            got = set(
-                Task.objects.held_by(worker_pk).filter(pk__in=task_ids, assigned_at=now).values_list("pk", flat=True)
-            )
-            worker_tasks = [task for task in worker_tasks if task[0] in got]
-            Connection.objects.filter(pk=worker_pk).update(in_flight=F("in_flight") - (count - len(worker_tasks)))
-        assignments.extend(Assignment(channels[worker_pk], str(pk), data) for pk, data, _ in worker_tasks)
+            sql.give_back_slots(worker_id, len(worker_tasks) - len(claimed), now)
+        assignments.extend(claimed)
     return assignments
 
 
-def _leases(tasks: list[tuple[int, str, float | None]], now: datetime) -> datetime | Case | None:
-    """The ``lease_expires_at`` of tasks claimed together, as one value when they share it."""
-    leases = {pk: lease_until(timeout, now) for pk, _, timeout in tasks}
-    if len(set(leases.values())) == 1:
-        return next(iter(leases.values()))
-    return Case(*(When(pk=pk, then=Value(lease)) for pk, lease in leases.items()), output_field=DateTimeField())
+def _deal(tasks: list[sql.TaskRow], workers: list[tuple[int, str, int]]) -> dict[int, list[sql.TaskRow]]:
+    """Deal tasks out one slot per worker at a time, in the workers' order: worker id -> its tasks."""
+    plan: dict[int, list[sql.TaskRow]] = {}
+    ring = deque([pk, free] for pk, _, free in workers if free > 0)
+    for task in tasks:
+        if not ring:
+            break
+        slot = ring.popleft()
+        plan.setdefault(slot[0], []).append(task)
+        if slot[1] > 1:
+            slot[1] -= 1
+            ring.append(slot)
+    return plan
+
+
+def _claim(worker_id: int, channel: str, tasks: list[sql.TaskRow], now: datetime) -> list[Assignment]:
+    """Hand ``tasks`` to a worker whose slots are already counted; the assignments it got (compare-and-set)."""
+    by_lease: dict[datetime | None, list[int]] = {}
+    for pk, _, timeout in tasks:
+        by_lease.setdefault(lease_until(timeout, now), []).append(pk)
+    claimed: set[int] = set()
+    for lease, task_ids in by_lease.items():
+        claimed |= sql.claim_tasks(task_ids, worker_id, lease, now)
+    return [Assignment(channel, str(pk), data) for pk, data, _ in tasks if pk in claimed]
 
 
 # --- status and operator actions ----------------------------------------------------------
@@ -693,7 +821,7 @@ def cancel_tasks(task_ids: list[int], reason: str = "cancelled by an operator") 
                 state=Task.State.CANCELLED, result=reason, finished_at=now, lease_expires_at=None
             )
             if state == Task.State.ASSIGNED and worker_id is not None:
-                _free_slot(worker_id, now)
+                sql.give_back_slots(worker_id, 1, now)
             effects.outcomes.append(Outcome(reply_channel, pk, message_id, False, reason))
         effects.assignments.extend(_assign(now))
     return effects
@@ -711,7 +839,7 @@ def requeue_tasks(task_ids: list[int]) -> tuple[int, Effects]:
         for pk, worker_id in taken:
             Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
             if worker_id is not None:
-                _free_slot(worker_id, now)
+                sql.give_back_slots(worker_id, 1, now)
         restarted = Task.objects.filter(pk__in=task_ids, state__in=(Task.State.FAILED, Task.State.CANCELLED)).update(
             state=Task.State.QUEUED,
             worker=None,
