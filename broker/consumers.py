@@ -15,6 +15,7 @@ for this frame. The in-flight limit of a client is the domain's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -41,6 +42,7 @@ PARSERS: dict[str, protocol.Parser] = {**protocol.TASK_PARSERS, **TOPIC_PARSERS}
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_UNAUTHORIZED = 4401  # an application code: missing, wrong or revoked access key
 
 register_client = database_sync_to_async(dispatch.register_client)
@@ -49,6 +51,9 @@ broker_status = database_sync_to_async(dispatch.broker_status)
 authenticate = database_sync_to_async(access.authenticate)
 current_grant = database_sync_to_async(access.current_grant)
 
+
+# How many task operations of one connection may wait for their commit at once (see _enqueue).
+PIPELINE_DEPTH = 256
 
 NO_KEY_MESSAGE = (
     "access control is on: present an access key as ?token=KEY, as an 'Authorization: Bearer KEY' header "
@@ -85,11 +90,11 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
-        self._delivered: list[int] = []
-        self._delivered_flush: asyncio.Task[None] | None = None
         self._auth_deadline: asyncio.Task[None] | None = None
         self._key_group: str | None = None  # the group of the key's connections (see access_changed)
         self._unanswered = 0  # tasks this connection submitted whose outcome it has not been sent
+        self._pipeline: set[asyncio.Future[None]] = set()  # its task operations waiting for their commit
+        self._reports: set[asyncio.Future[None]] = set()  # ERROR frames of those refused, being sent
         if not access.origin_allowed(self.scope):
             await self.close()  # before accepting: the server refuses the handshake (HTTP 403)
             return
@@ -116,7 +121,6 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(self._key_group, self.channel_name)
         if self.connection_id is not None:
             await commits.run(dispatch.Release(self.connection_id))
-        await self._flush_delivered()
         await super().disconnect(code)
 
     # --- frames from the peer ---------------------------------------------------
@@ -144,15 +148,18 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             await self.FRAME_HANDLERS[obj["type"]](self, text_data, obj, frame)
         except access.Unauthenticated as exc:
             await self._refuse(exc, obj)
-        except dispatch.UnknownTask as exc:
-            await self.send_error(exc, obj)
+        except ProtocolError as exc:
+            await self._report(exc, obj)
+        except NodeStopped:
+            await self.close(code=CLOSE_GOING_AWAY)  # registering while this process shuts down
+
+    async def _report(self, exc: ProtocolError, obj: Mapping[str, Any]) -> None:
+        """The ERROR frame for a refused frame (and, for a task the worker does not hold, rule 4)."""
+        await self.send_error(exc, obj)
+        if isinstance(exc, dispatch.UnknownTask):
             # Rule 4: remind the worker of what it really holds.
             for task_id, data in exc.held:
                 await self.send_frame(protocol.request_task_frame(task_id, data))
-        except ProtocolError as exc:
-            await self.send_error(exc, obj)
-        except NodeStopped:
-            await self.close(code=CLOSE_GOING_AWAY)  # registering while this process shuts down
 
     async def on_register_client(self, text: str, obj: Mapping[str, Any], frame: protocol.RegisterClient) -> None:
         self._require_unregistered()
@@ -185,25 +192,25 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             self._unanswered,
         )
         self._unanswered += 1  # before the outcome can arrive, which counts it down
-        try:
-            await commits.run(submit)
-        except BaseException:
-            self._unanswered -= 1
-            raise
+        await self._enqueue(submit, obj, on_error=self._unanswered_refused)
+
+    def _unanswered_refused(self) -> None:
+        self._unanswered -= 1
 
     async def on_response_task(self, text: str, obj: Mapping[str, Any], frame: protocol.ResponseTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await commits.run(dispatch.Complete(self.connection_id, frame.task_id, frame.data))
+        await self._enqueue(dispatch.Complete(self.connection_id, frame.task_id, frame.data), obj)
 
     async def on_fail_task(self, text: str, obj: Mapping[str, Any], frame: protocol.FailTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await commits.run(dispatch.Fail(self.connection_id, frame.task_id, frame.error))
+        await self._enqueue(dispatch.Fail(self.connection_id, frame.task_id, frame.error), obj)
 
     async def on_touch_task(self, text: str, obj: Mapping[str, Any], frame: protocol.TouchTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await commits.run(dispatch.Touch(self.connection_id, frame.task_id))
+        await self._enqueue(dispatch.Touch(self.connection_id, frame.task_id), obj)
 
     async def on_status(self, text: str, obj: Mapping[str, Any], frame: protocol.Status) -> None:
+        await self._settle()  # the status counts what this connection sent before
         await self.send_frame(protocol.status_frame(await broker_status()))
 
     # --- channel-layer events --------------------------------------------------------
@@ -223,9 +230,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         else:
             await self.send_frame(protocol.task_failed_frame(event["message_id"], event["data"]))
         self._unanswered = max(0, self._unanswered - 1)
-        self._delivered.append(event["task_id"])
-        if self._delivered_flush is None or self._delivered_flush.done():
-            self._delivered_flush = asyncio.ensure_future(self._flush_delivered())
+        commits.note_delivered(event["task_id"])
 
     async def access_changed(self, event: access.KeyChangedEvent) -> None:
         """This connection's key changed: adopt its new grant, or close if it was revoked."""
@@ -288,15 +293,45 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         """Announce effects; those meant for a connection of this process skip the channel layer."""
         await events.ring(effects, self.channel_layer, local.deliver)
 
-    async def _flush_delivered(self) -> None:
-        # Outcomes sent while a flush was running are marked by the next
-        # batch, so a burst of results costs a few updates, not one each.
-        while self._delivered:
-            batch, self._delivered = self._delivered, []
-            try:
-                await commits.run(dispatch.MarkDelivered(batch))
-            except Exception:
-                logger.exception("could not record the delivery of tasks %s", batch)
+    async def _enqueue(
+        self, operation: dispatch.Operation, obj: Mapping[str, Any], on_error: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a task operation for the group commit and go on reading frames.
+
+        Not waiting for the commit lets a burst of frames from one connection
+        fill one batch instead of taking one transaction each. At most
+        ``PIPELINE_DEPTH`` operations wait at a time (then the connection's
+        next frame waits, and the server stops reading its socket); an error
+        is reported as the ERROR frame when the operation's batch is done.
+        """
+        while len(self._pipeline) >= PIPELINE_DEPTH:
+            await asyncio.wait(self._pipeline, return_when=asyncio.FIRST_COMPLETED)
+        future = commits.submit(operation)
+        self._pipeline.add(future)
+        future.add_done_callback(functools.partial(self._settled, obj, on_error))
+
+    def _settled(
+        self, obj: Mapping[str, Any], on_error: Callable[[], None] | None, future: asyncio.Future[None]
+    ) -> None:
+        self._pipeline.discard(future)
+        if future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        if on_error is not None:
+            on_error()
+        if isinstance(exc, ProtocolError):
+            report = asyncio.ensure_future(self._report(exc, obj))
+        else:
+            # Nothing of the frame was committed (the database failed): the peer must not go on as if it were.
+            logger.error("could not handle a %s frame: %r; closing the connection", obj.get("type"), exc)
+            report = asyncio.ensure_future(self.close(code=CLOSE_INTERNAL_ERROR))
+        self._reports.add(report)
+        report.add_done_callback(self._reports.discard)
+
+    async def _settle(self) -> None:
+        """Wait until the task operations this connection queued are committed."""
+        if self._pipeline:
+            await asyncio.wait(self._pipeline)
 
     def _require_unregistered(self) -> None:
         if self.role is not None:

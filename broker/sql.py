@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from .models import Connection, Task
 
@@ -35,9 +35,18 @@ WORKER = Connection.Role.WORKER.value
 TaskRow = tuple[int, str, float | None]  # id, data, timeout
 
 
+@functools.lru_cache(maxsize=64)
+def _adapted(vendor: str, value: datetime) -> Any:
+    return connections[DEFAULT_DB_ALIAS].ops.adapt_datetimefield_value(value)
+
+
 def db_time(value: datetime | None) -> Any:
-    """A datetime as the database driver takes it (SQLite stores naive UTC text)."""
-    return connection.ops.adapt_datetimefield_value(value)
+    """A datetime as the database driver takes it (SQLite stores naive UTC text).
+
+    Cached: a batch passes the same ``now`` to most of its statements, and the
+    conversion (time zone arithmetic, formatting) cost more than the SQL.
+    """
+    return None if value is None else _adapted(connections[DEFAULT_DB_ALIAS].vendor, value)
 
 
 @functools.cache
@@ -49,16 +58,49 @@ def _placeholders(count: int) -> str:
     return ", ".join(["%s"] * count)
 
 
-def _execute(sql: str, params: Sequence[Any]) -> list[tuple]:
-    with connection.cursor() as cursor:
+@functools.lru_cache(maxsize=256)
+def _native(vendor: str, sql: str) -> str:
+    """``sql`` in the driver's own placeholder style: sqlite3 takes ``?``, psycopg ``%s``."""
+    return sql.replace("%s", "?") if vendor == "sqlite" else sql
+
+
+def _run(sql: str, params: Sequence[Any]) -> Any:
+    """Execute on the driver's own cursor; return the cursor.
+
+    Django's cursor wrapper (and, on SQLite, its rewriting of every statement's
+    placeholders) cost as much as the statement, so the hot path skips it. It
+    still honours what instruments Django's cursors: execute wrappers (such as
+    the statement counter of ``tests/test_hot_path.py``) wrap this call too,
+    and while queries are being logged (DEBUG, ``CaptureQueriesContext``)
+    Django's own logging cursor runs the statement. Must run in a transaction,
+    which guarantees an open connection.
+    """
+    db = connections[DEFAULT_DB_ALIAS]  # once: each use of django.db.connection looks it up again
+    if db.queries_logged:
+        cursor = db.cursor()
         cursor.execute(sql, params)
+        return cursor
+    native = _native(db.vendor, sql)
+
+    def execute(sql: str, params: Sequence[Any], many: bool, context: dict[str, Any]) -> Any:
+        return context["cursor"].execute(native, params)
+
+    for wrapper in reversed(db.execute_wrappers):
+        execute = functools.partial(wrapper, execute)
+    cursor = db.connection.cursor()
+    with db.wrap_database_errors:
+        execute(sql, params, False, {"connection": db, "cursor": cursor})
+    return cursor
+
+
+def _execute(sql: str, params: Sequence[Any]) -> list[tuple]:
+    cursor = _run(sql, params)
+    with connections[DEFAULT_DB_ALIAS].wrap_database_errors:
         return cursor.fetchall() if cursor.description else []
 
 
 def _execute_count(sql: str, params: Sequence[Any]) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+    return _run(sql, params).rowcount
 
 
 def insert_task(
@@ -109,7 +151,7 @@ def free_workers(limit: int) -> list[tuple[int, str, int]]:
         for pk, channel, concurrency, in_flight in _execute(
             f"SELECT id, channel_name, concurrency, in_flight FROM {CONNECTION}"
             f" WHERE role = %s AND disconnected_at IS NULL AND in_flight < concurrency"
-            f" ORDER BY ready_at, id LIMIT %s{_skip_locked(connection.vendor)}",
+            f" ORDER BY ready_at, id LIMIT %s{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)}",
             (WORKER, limit),
         )
     ]
@@ -119,7 +161,7 @@ def due_tasks(now: datetime, limit: int) -> list[TaskRow]:
     """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
     return _execute(
         f"SELECT id, data, timeout FROM {TASK} WHERE state = %s AND (not_before IS NULL OR not_before <= %s)"
-        f" ORDER BY id LIMIT %s{_skip_locked(connection.vendor)}",
+        f" ORDER BY id LIMIT %s{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)}",
         (QUEUED, db_time(now), limit),
     )
 
