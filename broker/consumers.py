@@ -199,11 +199,11 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
 
     async def on_response_task(self, text: str, obj: Mapping[str, Any], frame: protocol.ResponseTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await self._enqueue(dispatch.Complete(self.connection_id, frame.task_id, frame.data), obj)
+        await self._enqueue(dispatch.Complete(self.connection_id, self.channel_name, frame.task_id, frame.data), obj)
 
     async def on_fail_task(self, text: str, obj: Mapping[str, Any], frame: protocol.FailTask) -> None:
         self._require_role(Connection.Role.WORKER)
-        await self._enqueue(dispatch.Fail(self.connection_id, frame.task_id, frame.error), obj)
+        await self._enqueue(dispatch.Fail(self.connection_id, self.channel_name, frame.task_id, frame.error), obj)
 
     async def on_touch_task(self, text: str, obj: Mapping[str, Any], frame: protocol.TouchTask) -> None:
         self._require_role(Connection.Role.WORKER)

@@ -356,12 +356,13 @@ class Batch:
     def __init__(self, now: datetime) -> None:
         self.now = now
         self.effects = Effects()
-        self.freed: dict[int, int] = {}  # worker id -> slots freed in this batch
+        self.freed: dict[int, tuple[str, int]] = {}  # worker id -> (its channel, slots freed in this batch)
         self.delivered: list[int] = []
         self.assign_round = False
 
-    def free_slot(self, worker_id: int) -> None:
-        self.freed[worker_id] = self.freed.get(worker_id, 0) + 1
+    def free_slot(self, worker_id: int, worker_channel: str) -> None:
+        _, count = self.freed.get(worker_id, (worker_channel, 0))
+        self.freed[worker_id] = (worker_channel, count + 1)
 
     def finish(self) -> None:
         if self.freed:
@@ -378,20 +379,17 @@ class Batch:
         there been one, so the workers that free up are the right ones to take
         them, and their slots stay taken, which saves updating their rows.
         """
-        unfilled = dict(self.freed)
-        tasks = sql.due_tasks(self.now, sum(unfilled.values()))
-        if tasks:
-            live = dict(sql.live_worker_channels(list(unfilled)))
-            workers = [(pk, live[pk], count) for pk, count in unfilled.items() if pk in live]
-            for worker_id, worker_tasks in _deal(tasks, workers).items():
-                assignments = _claim(worker_id, live[worker_id], worker_tasks, self.now)
-                unfilled[worker_id] -= len(assignments)
-                self.effects.assignments.extend(assignments)
-            if len(live) < len(unfilled):
-                self.assign_round = True  # what the closed ones would have taken may suit other workers
-        for worker_id, count in unfilled.items():
-            if count:
-                sql.give_back_slots(worker_id, count, self.now)
+        default_lease = lease_until(None, self.now)
+        queue_empty = False
+        for worker_id, (channel, count) in self.freed.items():
+            tasks = [] if queue_empty else sql.claim_due(worker_id, count, default_lease, self.now)
+            for pk, data, timeout in tasks:
+                if timeout is not None:
+                    sql.set_lease(pk, lease_until(timeout, self.now))
+                self.effects.assignments.append(Assignment(channel, str(pk), data))
+            if len(tasks) < count:
+                queue_empty = True
+                sql.give_back_slots(worker_id, count - len(tasks), self.now)
 
 
 class Operation:
@@ -471,6 +469,7 @@ class Complete(Operation):
     """
 
     worker_id: int
+    worker_channel: str
     task_id: str
     result: str
 
@@ -482,7 +481,7 @@ class Complete(Operation):
             raise UnknownTask(self.task_id, _held(self.worker_id))
         reply_channel, message_id = row
         batch.effects.outcomes.append(Outcome(reply_channel, int(self.task_id), message_id, True, self.result))
-        batch.free_slot(self.worker_id)
+        batch.free_slot(self.worker_id, self.worker_channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +489,7 @@ class Fail(Operation):
     """FAIL_TASK: retry after a backoff, or give up after the last attempt; the worker's slot frees up."""
 
     worker_id: int
+    worker_channel: str
     task_id: str
     error: str
 
@@ -502,7 +502,7 @@ class Fail(Operation):
                 int(self.task_id), reply_channel, message_id, failures + 1, max_attempts, self.error, batch.now
             )
         )
-        batch.free_slot(self.worker_id)
+        batch.free_slot(self.worker_id, self.worker_channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +536,7 @@ class Release(Operation):
     connection_id: int
 
     def apply(self, batch: Batch) -> None:
+        batch.freed.pop(self.connection_id, None)  # its slots are gone with it
         if _release([self.connection_id], batch.now):
             batch.assign_round = True
 
@@ -607,12 +608,16 @@ def submit_task(
 
 def complete_task(worker_id: int, task_id: str, result: str) -> Effects:
     """A worker returned the result of a task it holds (see :class:`Complete`)."""
-    return run_one(Complete(worker_id, task_id, result))
+    return run_one(Complete(worker_id, _channel_of(worker_id), task_id, result))
 
 
 def fail_task(worker_id: int, task_id: str, error: str) -> Effects:
     """A worker reported a failure (see :class:`Fail`)."""
-    return run_one(Fail(worker_id, task_id, error))
+    return run_one(Fail(worker_id, _channel_of(worker_id), task_id, error))
+
+
+def _channel_of(connection_id: int) -> str:
+    return Connection.objects.filter(pk=connection_id).values_list("channel_name", flat=True).first() or ""
 
 
 def touch_task(worker_id: int, task_id: str) -> Effects:

@@ -166,6 +166,31 @@ def due_tasks(now: datetime, limit: int) -> list[TaskRow]:
     )
 
 
+def claim_due(worker_id: int, count: int, lease_expires_at: datetime | None, now: datetime) -> list[TaskRow]:
+    """Hand a worker whose slots are already counted the ``count`` oldest due tasks, in one statement.
+
+    Returns (id, data, timeout) of those it got, oldest first; fewer than
+    ``count`` means no other due task is free to take. Tasks with a timeout
+    of their own need their lease set afterwards (:func:`set_lease`).
+    """
+    # The candidates in a MATERIALIZED CTE: computed once. As a plain subquery
+    # PostgreSQL may run it again for each row, and with SKIP LOCKED each run
+    # can find other rows, claiming more than ``count`` tasks.
+    rows = _execute(
+        f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE state = %s"
+        f" AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s"
+        f"{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)})"
+        f" UPDATE {TASK} SET state = %s, worker_id = %s, assigned_at = %s, attempts = attempts + 1,"
+        f" lease_expires_at = %s WHERE state = %s AND id IN (SELECT id FROM due) RETURNING id, data, timeout",
+        (QUEUED, db_time(now), count, ASSIGNED, worker_id, db_time(now), db_time(lease_expires_at), QUEUED),
+    )
+    return sorted(rows)
+
+
+def set_lease(task_id: int, lease_expires_at: datetime | None) -> None:
+    _execute_count(f"UPDATE {TASK} SET lease_expires_at = %s WHERE id = %s", (db_time(lease_expires_at), task_id))
+
+
 def take_slots(worker_id: int, count: int, now: datetime) -> bool:
     """Compare-and-set: count ``count`` more tasks on a live worker if its concurrency allows."""
     return bool(
@@ -201,13 +226,4 @@ def mark_delivered(task_ids: list[int], now: datetime) -> None:
     _execute_count(
         f"UPDATE {TASK} SET delivered_at = %s WHERE id IN ({_placeholders(len(task_ids))}) AND delivered_at IS NULL",
         (db_time(now), *task_ids),
-    )
-
-
-def live_worker_channels(worker_ids: list[int]) -> list[tuple[int, str]]:
-    """(id, channel_name) of those of these workers that are still connected."""
-    return _execute(
-        f"SELECT id, channel_name FROM {CONNECTION}"
-        f" WHERE id IN ({_placeholders(len(worker_ids))}) AND disconnected_at IS NULL",
-        worker_ids,
     )
