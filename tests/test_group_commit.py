@@ -1,0 +1,202 @@
+"""Group commit: many connections' task operations in one transaction, and what each of them learns.
+
+``dispatch.run_batch`` runs a batch against the database directly; the
+``GroupCommit`` of ``broker.commits`` and the consumer's pipelining are tested
+through their effects: fewer transactions than operations, every caller told
+how its own operation went, and nothing of one operation lost to another's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import OperationalError
+
+from broker import commits, dispatch
+from broker.dispatch import Complete, MarkDelivered, Release, Submit, UnknownTask
+from broker.models import Task
+from tests.communicators import Peers, wait_until
+
+
+def new_process() -> int:
+    process_id, _ = dispatch.register_process(f"host-{uuid.uuid4().hex[:8]}", os.getpid())
+    return process_id
+
+
+def worker(process_id: int, name: str, concurrency: int = 1) -> int:
+    return dispatch.register_worker(process_id, f"worker.{name}", concurrency).connection_id
+
+
+def states() -> dict[str, str]:
+    return dict(Task.objects.values_list("message_id", "state"))
+
+
+@dataclass(frozen=True)
+class Explodes(dispatch.Operation):
+    """An operation whose statement fails in the database (as a deadlock or a lost connection would)."""
+
+    def apply(self, batch: dispatch.Batch) -> None:
+        raise OperationalError("the database gave up on this statement")
+
+
+# --- one batch, run directly --------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_refused_operation_leaves_the_rest_of_its_batch_to_commit():
+    process_id = new_process()
+    worker_id = worker(process_id, "w")
+
+    errors, effects = dispatch.run_batch(
+        [
+            Submit("client.a", None, "m1", "one"),
+            Complete(worker_id, "worker.w", "999999", "no such task"),
+            Submit("client.a", None, "m2", "two"),
+        ]
+    )
+
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], UnknownTask)
+    assert states() == {"m1": "assigned", "m2": "queued"}
+    assert [a.data for a in effects.assignments] == ["one"]
+
+
+@pytest.mark.django_db
+def test_a_completion_and_the_next_task_for_that_worker_come_out_of_one_batch():
+    process_id = new_process()
+    worker_id = worker(process_id, "w")
+    (first,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
+    dispatch.submit_task("client.a", None, "m2", "two")
+
+    errors, effects = dispatch.run_batch(
+        [Complete(worker_id, "worker.w", first.task_id, "ONE"), MarkDelivered([int(first.task_id)])]
+    )
+
+    assert errors == [None, None]
+    assert [(o.message_id, o.data) for o in effects.outcomes] == [("m1", "ONE")]
+    assert [(a.worker_channel, a.data) for a in effects.assignments] == [("worker.w", "two")]
+    assert Task.objects.get(message_id="m1").delivered_at is not None
+    assert states() == {"m1": "done", "m2": "assigned"}
+
+
+@pytest.mark.django_db
+def test_the_same_message_id_twice_in_one_batch_is_one_task():
+    errors, _ = dispatch.run_batch([Submit("client.a", "app", "m1", "x"), Submit("client.b", "app", "m1", "x")])
+
+    assert errors == [None, None]
+    assert Task.objects.filter(client_id="app", message_id="m1").count() == 1
+
+
+@pytest.mark.django_db
+def test_a_worker_released_in_the_batch_that_freed_its_slot_gets_no_new_task():
+    process_id = new_process()
+    worker_id = worker(process_id, "w")
+    (first,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
+    dispatch.submit_task("client.a", None, "m2", "two")
+
+    errors, effects = dispatch.run_batch([Complete(worker_id, "worker.w", first.task_id, "ONE"), Release(worker_id)])
+
+    assert errors == [None, None]
+    assert effects.assignments == []
+    assert states() == {"m1": "done", "m2": "queued"}
+
+
+@pytest.mark.django_db
+def test_when_the_batch_fails_as_a_whole_each_operation_runs_alone():
+    process_id = new_process()
+    worker(process_id, "w")
+
+    errors, effects = dispatch.run_batch(
+        [Submit("client.a", None, "m1", "one"), Explodes(), Submit("client.a", None, "m2", "two")]
+    )
+
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], OperationalError)
+    assert states() == {"m1": "assigned", "m2": "queued"}
+    assert [a.data for a in effects.assignments] == ["one"]
+
+
+@pytest.mark.django_db
+def test_a_lone_operation_that_fails_in_the_database_raises():
+    with pytest.raises(OperationalError):
+        dispatch.run_batch([Explodes()])
+
+
+# --- the group commit of a broker process ---------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_operations_queued_together_share_transactions_and_each_caller_hears_its_own_outcome(monkeypatch):
+    process_id = await database_sync_to_async(new_process)()
+    worker_id = await database_sync_to_async(worker)(process_id, "w", 50)
+    batches: list[int] = []
+    real_run_batch = commits.run_batch
+
+    async def counting_run_batch(operations: list[dispatch.Operation]) -> Any:
+        batches.append(len(operations))
+        return await real_run_batch(operations)
+
+    monkeypatch.setattr(commits, "run_batch", counting_run_batch)
+    group = commits.GroupCommit()
+
+    submits = [group.submit(Submit("client.a", None, f"m{n}", str(n))) for n in range(40)]
+    unknown = group.submit(Complete(worker_id, "worker.w", "424242", "nobody asked"))
+    await asyncio.gather(*submits)
+    with pytest.raises(UnknownTask):
+        await unknown
+
+    assert sum(batches) == 41
+    assert len(batches) < 41, batches  # queued while the first batch ran: they went together
+    assert await database_sync_to_async(Task.objects.assigned().count)() == 40
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it():
+    process_id = await database_sync_to_async(new_process)()
+    await database_sync_to_async(worker)(process_id, "w")
+    await database_sync_to_async(dispatch.submit_task)("client.a", None, "m1", "one")
+    task_id = await database_sync_to_async(lambda: Task.objects.get().pk)()
+    group = commits.GroupCommit()
+
+    group.note_delivered(task_id)
+    await group.submit(Submit("client.a", None, "m2", "two"))
+
+    assert await database_sync_to_async(lambda: Task.objects.get(pk=task_id).delivered_at)() is not None
+
+
+# --- pipelining in the consumer -----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_burst_of_submissions_from_one_client_is_answered_in_full_with_errors_where_due(settings):
+    settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT = 150
+    peers = Peers()
+    try:
+        worker_peer = await peers.worker(concurrency=200)
+        client = await peers.client()
+        for n in range(200):
+            await client.submit(f"m{n}", str(n))
+        # The first 150 are accepted (the in-flight limit), the rest refused, each with its messageId.
+        tasks = [await worker_peer.next_task() for _ in range(150)]
+        errors = [await client.expect_error("RATE_LIMITED") for _ in range(50)]
+        assert sorted(e["ref"]["messageId"] for e in errors) == sorted(f"m{n}" for n in range(150, 200))
+        assert sorted(int(t["data"]) for t in tasks) == list(range(150))
+        # Accepted in the order sent: task ids rise with the messageIds.
+        by_data = sorted(tasks, key=lambda t: int(t["data"]))
+        assert [int(t["taskId"]) for t in by_data] == sorted(int(t["taskId"]) for t in tasks)
+
+        for task in tasks:
+            await worker_peer.respond(task, task["data"].upper())
+        answers = {(await client.expect("RESPONSE_TASK"))["messageId"] for _ in range(150)}
+        assert answers == {f"m{n}" for n in range(150)}
+        await wait_until(
+            lambda: Task.objects.filter(delivered_at__isnull=False).count() == 150, what="every delivery recorded"
+        )
+    finally:
+        await peers.close_all()
