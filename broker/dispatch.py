@@ -37,9 +37,15 @@ races, housekeeping also requeues tasks still held by closed connections and
 releases connections still open on stopped processes.
 
 Every public function here is synchronous and runs its changes in
-transactions; consumers call them through ``database_sync_to_async``. They
-return :class:`Effects`: the frames the caller must announce over the channel
-layer *after* the commit. The database is the truth, the layer a doorbell.
+transactions. The task frames of connections become :class:`Operation` s
+(:class:`Submit`, :class:`Complete`, :class:`Fail`, :class:`Touch`,
+:class:`MarkDelivered`, :class:`Release`) that :func:`run_batch` runs many at
+a time, in one transaction (``broker.commits`` collects them from all
+connections of a process); the functions named after each step
+(``submit_task``, ...) run one operation alone, for tools and tests. Everything
+returns :class:`Effects`: the frames to announce over the channel layer
+*after* the commit. The database is the truth, the layer a doorbell. The
+statements every task runs are hand-written SQL (``broker.sql``).
 """
 
 from __future__ import annotations

@@ -37,6 +37,14 @@ def states() -> dict[str, str]:
     return dict(Task.objects.values_list("message_id", "state"))
 
 
+def assert_only_the_middle_one_failed(errors: list[Any], effects: dispatch.Effects, error: type) -> None:
+    """Of submit m1, a failing operation, submit m2 (one free worker): both tasks stored, m1 handed out."""
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], error)
+    assert states() == {"m1": "assigned", "m2": "queued"}
+    assert [a.data for a in effects.assignments] == ["one"]
+
+
 @dataclass(frozen=True)
 class Explodes(dispatch.Operation):
     """An operation whose statement fails in the database (as a deadlock or a lost connection would)."""
@@ -61,10 +69,7 @@ def test_a_refused_operation_leaves_the_rest_of_its_batch_to_commit():
         ]
     )
 
-    assert errors[0] is None and errors[2] is None
-    assert isinstance(errors[1], UnknownTask)
-    assert states() == {"m1": "assigned", "m2": "queued"}
-    assert [a.data for a in effects.assignments] == ["one"]
+    assert_only_the_middle_one_failed(errors, effects, UnknownTask)
 
 
 @pytest.mark.django_db
@@ -116,10 +121,7 @@ def test_when_the_batch_fails_as_a_whole_each_operation_runs_alone():
         [Submit("client.a", None, "m1", "one"), Explodes(), Submit("client.a", None, "m2", "two")]
     )
 
-    assert errors[0] is None and errors[2] is None
-    assert isinstance(errors[1], OperationalError)
-    assert states() == {"m1": "assigned", "m2": "queued"}
-    assert [a.data for a in effects.assignments] == ["one"]
+    assert_only_the_middle_one_failed(errors, effects, OperationalError)
 
 
 @pytest.mark.django_db

@@ -18,8 +18,10 @@ from turtlemq_site.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Statements per task today (see the closing notes for the breakdown); a
-# change that raises them should be a deliberate one.
+# Statements per task today, one task at a time (README, "How it is built"):
+# submit = insert + free workers + due tasks + take the slot + claim; complete =
+# complete + refill (none due) + give the slot back; the delivery mark. A change
+# that raises them should be a deliberate one.
 MAX_STATEMENTS_PER_TASK = 9
 # Client and worker share this process: task.assign and task.outcome are
 # delivered in-process (broker.local), so no layer message at all.
