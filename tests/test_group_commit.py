@@ -45,6 +45,14 @@ def assert_only_the_middle_one_failed(errors: list[Any], effects: dispatch.Effec
     assert [a.data for a in effects.assignments] == ["one"]
 
 
+def a_busy_worker_and_a_queued_task() -> tuple[int, dispatch.Assignment]:
+    """Worker ``worker.w`` holds m1 ("one"); m2 ("two") waits in the queue."""
+    worker_id = worker(new_process(), "w")
+    (first,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
+    dispatch.submit_task("client.a", None, "m2", "two")
+    return worker_id, first
+
+
 @dataclass(frozen=True)
 class Explodes(dispatch.Operation):
     """An operation whose statement fails in the database (as a deadlock or a lost connection would)."""
@@ -74,10 +82,7 @@ def test_a_refused_operation_leaves_the_rest_of_its_batch_to_commit():
 
 @pytest.mark.django_db
 def test_a_completion_and_the_next_task_for_that_worker_come_out_of_one_batch():
-    process_id = new_process()
-    worker_id = worker(process_id, "w")
-    (first,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
-    dispatch.submit_task("client.a", None, "m2", "two")
+    worker_id, first = a_busy_worker_and_a_queued_task()
 
     errors, effects = dispatch.run_batch(
         [Complete(worker_id, "worker.w", first.task_id, "ONE"), MarkDelivered([int(first.task_id)])]
@@ -100,10 +105,7 @@ def test_the_same_message_id_twice_in_one_batch_is_one_task():
 
 @pytest.mark.django_db
 def test_a_worker_released_in_the_batch_that_freed_its_slot_gets_no_new_task():
-    process_id = new_process()
-    worker_id = worker(process_id, "w")
-    (first,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
-    dispatch.submit_task("client.a", None, "m2", "two")
+    worker_id, first = a_busy_worker_and_a_queued_task()
 
     errors, effects = dispatch.run_batch([Complete(worker_id, "worker.w", first.task_id, "ONE"), Release(worker_id)])
 
