@@ -1,21 +1,86 @@
 """Fan-out of topic messages within one broker process.
 
-Each broker process (each event loop) has one channel of its own, which joins
-the group ``topic.<pk>`` while at least one of its connections follows that
-topic. ``announce_message`` therefore costs one layer message per process and
-topic instead of one per subscriber; the process's reader encodes the MESSAGE
-frame once and hands it to each local follower, which applies its own
-exactly-once, in-order rule (``TopicFramesMixin.offer_topic_message``).
+Each broker process (each event loop) has one channel of its own, the
+*process channel*, which joins the group ``topic.<pk>`` while at least one of
+its connections follows that topic. ``announce_message`` therefore costs one
+layer message per process and topic instead of one per subscriber; the
+process's reader receives it, encodes the MESSAGE frame once and offers it to
+each local follower, which applies its own exactly-once, in-order rule
+(``TopicFramesMixin.offer_topic_message``).
 
-That holds on the in-memory layer (one process). On other layers (Redis,
-several processes) each connection still joins the group itself, one layer
-message per subscriber, and gets ``topic.message`` on its own channel:
-channels-redis does not let a process-wide reader be cancelled cleanly when
-its event loop closes, so that saving is left for later.
+That holds on both layers TurtleMQ configures: the in-memory layer (one
+process) and channels-redis (several processes; a published message is one
+Redis message per process that follows the topic). On any other layer each
+connection joins the group itself and gets ``topic.message`` on its own
+channel, one layer message per subscriber.
+
+The process channel on channels-redis
+-------------------------------------
+channels-redis keeps receive state on the layer object: a count of the
+``receive`` calls under way, the event loop they run in, a lock that one of
+them holds while it pops the next message for all of them, a buffer per
+channel, and per-channel locks held by background clean-up tasks. The layer
+object outlives event loops (a test suite runs one loop per test), and that
+state does not survive a loop ending in the middle of a ``receive``: a lock
+left behind bound to the old loop makes every later ``receive`` fail with
+"bound to a different event loop". The connections' ``receive`` calls live with
+that (each is cancelled and awaited by its consumer), but a process-wide reader
+is, by design, always in the middle of one.
+
+So on channels-redis the process channel lives on a layer instance of its own,
+made for the running event loop and configured like the connections' layer
+(:func:`own_layer`: the same Redis, prefix and expiries, hence the same
+groups). Its receive state is the reader's alone and goes with the loop; its
+process channel has a Redis key of its own, read by the reader with no
+contention from the connections' receives.
+
+Ending the reader
+-----------------
+The reader still has to end when asked, and one cancellation is not always
+enough: on Python 3.11 redis-py can swallow one (see :func:`_end`), after which
+channels-redis waits in BZPOPMIN for as long as the channel stays empty, and a
+closing loop would wait with it. Hence two tasks per process:
+
+* the *reader* receives and delivers, and nothing else;
+* its *keeper* renews the group memberships on a timer and, when it is itself
+  cancelled, cancels the reader again until it has ended.
+
+Whoever stops them:
+
+* :func:`stop_process_fanout`, called when the broker node stops (SIGTERM
+  under daphne, the lifespan shutdown under uvicorn, the end of each test),
+  ends the keeper, hence the reader, takes the process channel out of its
+  groups and closes the connections of its layer.
+* An event loop that ends without it (``asyncio.run``, the runner
+  pytest-asyncio gives each test) cancels every task it still has and waits
+  for them: the keeper waits in turn for the reader. Neither takes its
+  cancellation for a lost Redis connection (redis-py may report one as the
+  other) and starts a retry in a closing loop: both check
+  ``Task.cancelling()``. channels-redis closes the layer's connections as the
+  loop closes. The group memberships stay in Redis until ``group_expiry``;
+  what is sent to them meanwhile goes to a key nobody reads and expires after
+  the layer's ``expiry``.
+
+Failures and guarantees
+-----------------------
+* Redis away: a failed read is logged and retried every
+  ``READ_RETRY_SECONDS``; before reading again the process channel joins its
+  groups again (a Redis restarted without persistence has lost them). A
+  message announced meanwhile is a lost doorbell only: each follower fills the
+  gap from the database when the next message of the topic reveals it.
+* Membership expiry: a group member older than the layer's ``group_expiry``
+  (one day by default, on both layers) is dropped by the next ``group_send``,
+  and a process channel may follow a topic for weeks. The keeper re-adds it to
+  each of its groups every quarter of ``group_expiry``.
+* Membership changes (the first follower of a topic joins its group, the last
+  one leaves it, a refresh) are serialised by one lock per process: two Redis
+  commands on two pooled connections may run in either order, which could
+  leave the channel in a group it left or out of one it follows. Messages are
+  delivered without that lock.
 
 The registry below is a routing cache, not broker state: it only says which
-live connections of this process follow which topic, exactly what their
-group memberships used to say. The database still holds every message, and a
+live connections of this process follow which topic, exactly what their group
+memberships used to say. The database still holds every message, and a
 follower that misses one fills the gap from it on the next.
 """
 
@@ -40,75 +105,195 @@ logger = logging.getLogger("turtlemq.subscriptions")
 
 # After a failed read of the process channel (Redis away), wait this long before the next.
 READ_RETRY_SECONDS = 1.0
+# The process channel renews its group memberships this often, as a share of the layer's group_expiry.
+REFRESH_SHARE = 0.25
+# A task told to stop that still runs after this long is cancelled again (see ``_end``).
+CANCEL_AGAIN_SECONDS = 0.25
+# When the node stops, leaving the groups may take this long (Redis may be away) before it gives up.
+LEAVE_TIMEOUT_SECONDS = 2.0
 
 
 class Follower(Protocol):
+    """A connection that follows topics: ``TopicFramesMixin``."""
+
     channel_name: str
 
     async def offer_topic_message(self, event: TopicMessageEvent, text: str) -> None: ...
+
+
+def _redis_layer_class() -> type | None:
+    try:
+        from channels_redis.core import RedisChannelLayer
+    except ImportError:  # pragma: no cover - a requirement, but the embedded stack needs none of it
+        return None
+    return RedisChannelLayer
+
+
+def shares_process_channel(layer: BaseChannelLayer) -> bool:
+    """Whether connections on ``layer`` hear topics through the process channel (the layers we know)."""
+    redis_layer = _redis_layer_class()
+    return isinstance(layer, InMemoryChannelLayer) or (redis_layer is not None and isinstance(layer, redis_layer))
+
+
+def own_layer(layer: BaseChannelLayer) -> BaseChannelLayer:
+    """The layer the process channel lives on: for channels-redis a new instance configured like ``layer``.
+
+    The same Redis hosts, prefix, expiries and capacities, so the same groups
+    and keys; its own client prefix and receive state (see the module's
+    docstring). The in-memory layer keeps its state in the instance: its
+    process channel must live on the connections' layer itself.
+    """
+    redis_layer = _redis_layer_class()
+    if redis_layer is None or not isinstance(layer, redis_layer):
+        return layer
+    own = type(layer)(
+        hosts=layer.hosts,
+        prefix=layer.prefix,
+        expiry=layer.expiry,
+        group_expiry=layer.group_expiry,
+        capacity=layer.capacity,
+        channel_capacity=dict(layer.channel_capacity),  # compiled patterns are accepted as they are
+    )
+    # Messages must decode as the publishers encode them (format, encryption
+    # keys), which the instance keeps only in its serializer.
+    own._serializer = layer._serializer
+    return own
 
 
 class ProcessFanout:
     """This process's channel for topic messages and the local followers of each topic."""
 
     def __init__(self, layer: BaseChannelLayer) -> None:
-        self.layer = layer
+        self.layer = layer  # the connections' layer
+        self.shared = shares_process_channel(layer)  # one layer message per process, not per follower
+        self.channel_layer = own_layer(layer) if self.shared else layer  # where the process channel lives
         self.channel: str | None = None
         self.followers: dict[int, set[Follower]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._ready = asyncio.Lock()
-        self.shared = isinstance(layer, InMemoryChannelLayer)  # one layer message per process, not per follower
+        # Topics whose group the channel could not leave (Redis away): left at the next refresh.
+        self.leftovers: set[int] = set()
+        self.refresh_seconds = max(1.0, float(getattr(layer, "group_expiry", 86400)) * REFRESH_SHARE)
+        self._membership = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None  # runs the reader and renews the memberships
+
+    # --- followers ------------------------------------------------------------------
 
     async def follow(self, topic_id: int, follower: Follower) -> None:
         """Route ``topic_id``'s messages to ``follower``; returns once it hears the topic's group."""
         if not self.shared:
             await self.layer.group_add(topic_group(topic_id), follower.channel_name)
             return
-        channel = await self._start()
-        followers = self.followers.setdefault(topic_id, set())
-        first = not followers
-        followers.add(follower)
-        if first:
-            await self.layer.group_add(topic_group(topic_id), channel)
+        async with self._membership:
+            channel = await self._start()
+            followers = self.followers.get(topic_id)
+            if followers is None:
+                # Join before registering: should the layer fail, nothing here has changed.
+                await self.channel_layer.group_add(topic_group(topic_id), channel)
+                self.leftovers.discard(topic_id)
+                followers = self.followers[topic_id] = set()
+            followers.add(follower)
 
     async def unfollow(self, topic_id: int, follower: Follower) -> None:
+        """Stop routing ``topic_id`` to ``follower``; the last follower takes the process channel out of the group."""
         if not self.shared:
             await self.layer.group_discard(topic_group(topic_id), follower.channel_name)
             return
-        followers = self.followers.get(topic_id)
-        if followers is None or follower not in followers:
-            return
-        followers.discard(follower)
-        if not followers:
+        async with self._membership:
+            followers = self.followers.get(topic_id)
+            if followers is None or follower not in followers:
+                return
+            followers.discard(follower)
+            if followers:
+                return
             del self.followers[topic_id]
-            if self.channel is not None:
-                await self.layer.group_discard(topic_group(topic_id), self.channel)
+            if self.channel is None:
+                return
+            try:
+                await self.channel_layer.group_discard(topic_group(topic_id), self.channel)
+            except Exception:
+                # Called as connections close: failing them helps nobody. Until the
+                # next refresh leaves the group, the reader drops what arrives for it.
+                self.leftovers.add(topic_id)
+                logger.warning("could not leave the group of topic %s; retrying at the next refresh", topic_id)
+
+    # --- the process channel ----------------------------------------------------------
 
     async def _start(self) -> str:
-        async with self._ready:
-            if self.channel is None:
-                # The default prefix: channels-redis reads all of a process's
-                # channels from one Redis list only when they share it.
-                self.channel = await self.layer.new_channel()
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.ensure_future(self._read(self.channel))
-            return self.channel
+        """The process channel, with its keeper (and so its reader) running. Called under the membership lock."""
+        if self.channel is None:
+            self.channel = await self.channel_layer.new_channel()
+        if self._keeper is None or self._keeper.done():
+            loop = asyncio.get_running_loop()
+            self._keeper = loop.create_task(self._keep(self.channel), name="turtlemq topic keeper")
+        return self.channel
+
+    async def _keep(self, channel: str) -> None:
+        """Run the reader and renew the memberships until cancelled; then see the reader end."""
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(channel), name="turtlemq topic reader")
+        try:
+            while True:
+                await asyncio.wait({reader}, timeout=self.refresh_seconds)
+                if reader.done():
+                    if reader.cancelled():
+                        raise asyncio.CancelledError  # someone is stopping the fan-out
+                    # Only a bug ends the reader: say so, and read on.
+                    logger.error("the topic reader failed; starting another", exc_info=reader.exception())
+                    await asyncio.sleep(READ_RETRY_SECONDS)
+                    reader = loop.create_task(self._read(channel), name="turtlemq topic reader")
+                    continue
+                try:
+                    await self.refresh()
+                except Exception:
+                    if _cancelled():
+                        raise asyncio.CancelledError from None
+                    # Three more tries before the memberships expire; the reader
+                    # also joins again on its own once it sees Redis fail.
+                    logger.exception("could not renew the topic groups; retrying in %g s", self.refresh_seconds)
+                if _cancelled():
+                    raise asyncio.CancelledError  # a cancellation redis-py swallowed (see _end)
+        finally:
+            await _end(reader)
 
     async def _read(self, channel: str) -> None:
+        """Receive the process channel's events and deliver them, until cancelled; retry after a failed read."""
+        failing = False
         while True:
             try:
-                event: dict[str, Any] = await self.layer.receive(channel)
+                if failing:
+                    await self.refresh()  # a restarted Redis may have lost our groups
+                event: dict[str, Any] = await self.channel_layer.receive(channel)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    return  # cancelled (the loop is closing), which redis-py may report as a lost connection
-                logger.exception("could not read this process's topic channel; retrying")
+            except Exception as exc:
+                if _cancelled():
+                    # The loop is closing, and redis-py reported it as a lost
+                    # connection: end as cancelled, start no retry.
+                    raise asyncio.CancelledError from None
+                if failing:
+                    logger.warning("this process's topic channel is still unreadable (%s); retrying", exc)
+                else:
+                    logger.exception("could not read this process's topic channel; retrying")
+                failing = True
                 await asyncio.sleep(READ_RETRY_SECONDS)
                 continue
+            if _cancelled():
+                raise asyncio.CancelledError  # a cancellation redis-py swallowed (see _end): deliver no more
+            if failing:
+                logger.info("this process's topic channel is readable again")
+                failing = False
             if event.get("type") == "topic.message":
                 await self.deliver(event)  # type: ignore[arg-type]
+
+    async def refresh(self) -> None:
+        """Join each followed topic's group again (a fresh join time), and leave the groups left behind."""
+        async with self._membership:
+            if self.channel is None:
+                return
+            for topic_id in list(self.followers):
+                await self.channel_layer.group_add(topic_group(topic_id), self.channel)
+            for topic_id in list(self.leftovers):
+                await self.channel_layer.group_discard(topic_group(topic_id), self.channel)
+                self.leftovers.discard(topic_id)
 
     async def deliver(self, event: TopicMessageEvent) -> None:
         """Offer one message to every local follower of its topic, the frame encoded once."""
@@ -123,6 +308,62 @@ class ProcessFanout:
                 # One broken connection must not cost the others their message.
                 logger.exception("could not offer message %s of topic %s", event["id"], event["topic"])
 
+    async def stop(self) -> None:
+        """End the keeper and the reader, leave every group, forget the followers, close the layer's connections."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not asyncio.current_task():
+            await _end(keeper)
+        async with self._membership:
+            channel, topics = self.channel, {*self.followers, *self.leftovers}
+            self.channel = None
+            self.followers.clear()
+            self.leftovers.clear()
+            try:
+                async with asyncio.timeout(LEAVE_TIMEOUT_SECONDS):
+                    if channel is not None:
+                        for topic_id in sorted(topics):
+                            await self.channel_layer.group_discard(topic_group(topic_id), channel)
+                    if self.channel_layer is not self.layer and hasattr(self.channel_layer, "close_pools"):
+                        await self.channel_layer.close_pools()
+            except Exception:
+                # The process is going: its memberships expire after group_expiry,
+                # and what reaches them meanwhile goes nowhere and expires too.
+                logger.warning("could not leave the topic groups of this process's channel", exc_info=True)
+
+
+async def _end(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` (unless it is being cancelled already) and wait until it has ended.
+
+    One cancellation is not always enough: on Python 3.11, ``asyncio.wait_for``
+    returns the result instead of raising when the cancellation arrives just as
+    the operation it waits for completes, and redis-py sends every command
+    through it (with ``socket_timeout`` set). The task, still "cancelling", then
+    goes on into BZPOPMIN, which channels-redis repeats for as long as the
+    channel stays empty, and a closing event loop would wait for it forever. So
+    a task that still runs ``CANCEL_AGAIN_SECONDS`` after its cancellation is
+    cancelled again, until it ends.
+    """
+    interrupted = False
+    if not task.cancelling():
+        task.cancel()
+    while not task.done():
+        try:
+            await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
+        except asyncio.CancelledError:
+            interrupted = True  # we are being cancelled too: first see ``task`` end
+        if not task.done():
+            task.cancel()
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s failed", task.get_name(), exc_info=task.exception())
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (whatever exception that surfaced as)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
 
 _fanouts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, ProcessFanout]] = weakref.WeakKeyDictionary()
 
@@ -134,3 +375,14 @@ def process_fanout(layer: BaseChannelLayer) -> ProcessFanout:
     if fanout is None or fanout.layer is not layer:
         fanout = per_loop[id(layer)] = ProcessFanout(layer)
     return fanout
+
+
+async def stop_process_fanout() -> None:
+    """Stop the running event loop's fan-out: its reader ends, its process channel leaves every group.
+
+    Called when the broker node stops (``BrokerNode.stop``); does nothing when
+    no connection followed a topic, and may be called again. A connection that
+    follows a topic afterwards starts a new fan-out.
+    """
+    for fanout in _fanouts.pop(asyncio.get_running_loop(), {}).values():
+        await fanout.stop()
