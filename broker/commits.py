@@ -14,7 +14,7 @@ to workers, outcomes to clients) are rung after its commit, batch after batch
 in order, and then each caller learns how its own operation went.
 
 Delivery marks (an outcome was sent to its client) need no caller to wait for
-them: :func:`note_delivered` only remembers the task, and the next batch,
+them: :meth:`GroupCommit.note_delivered` only remembers the task, and the next batch,
 whatever else it holds, records every delivery noted before it started. An
 operation run later (a disconnection, say) therefore commits after them.
 """
@@ -132,18 +132,3 @@ def group_commit() -> GroupCommit:
     if group is None:
         group = _group_commits[loop] = GroupCommit()
     return group
-
-
-def submit(operation: dispatch.Operation) -> asyncio.Future[None]:
-    """Queue ``operation`` for this process's next batch (see :meth:`GroupCommit.submit`)."""
-    return group_commit().submit(operation)
-
-
-async def run(operation: dispatch.Operation) -> None:
-    """Run ``operation`` in this process's next batch; return once it is done, or raise its error."""
-    await group_commit().submit(operation)
-
-
-def note_delivered(task_id: int) -> None:
-    """Record, in this process's next batch, that the outcome of ``task_id`` was sent to its client."""
-    group_commit().note_delivered(task_id)

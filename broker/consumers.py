@@ -94,6 +94,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         self._key_group: str | None = None  # the group of the key's connections (see access_changed)
         self._unanswered = 0  # tasks this connection submitted whose outcome it has not been sent
         self._pipeline: set[asyncio.Future[None]] = set()  # its task operations waiting for their commit
+        self._group_commit = commits.group_commit()  # this process's; looked up once per connection
         self._reports: set[asyncio.Future[None]] = set()  # ERROR frames of those refused, being sent
         if not access.origin_allowed(self.scope):
             await self.close()  # before accepting: the server refuses the handshake (HTTP 403)
@@ -120,7 +121,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         if self._key_group is not None:
             await self.channel_layer.group_discard(self._key_group, self.channel_name)
         if self.connection_id is not None:
-            await commits.run(dispatch.Release(self.connection_id))
+            await self._group_commit.submit(dispatch.Release(self.connection_id))
         await super().disconnect(code)
 
     # --- frames from the peer ---------------------------------------------------
@@ -230,7 +231,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         else:
             await self.send_frame(protocol.task_failed_frame(event["message_id"], event["data"]))
         self._unanswered = max(0, self._unanswered - 1)
-        commits.note_delivered(event["task_id"])
+        self._group_commit.note_delivered(event["task_id"])
 
     async def access_changed(self, event: access.KeyChangedEvent) -> None:
         """This connection's key changed: adopt its new grant, or close if it was revoked."""
@@ -306,7 +307,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         """
         while len(self._pipeline) >= PIPELINE_DEPTH:
             await asyncio.wait(self._pipeline, return_when=asyncio.FIRST_COMPLETED)
-        future = commits.submit(operation)
+        future = self._group_commit.submit(operation)
         self._pipeline.add(future)
         future.add_done_callback(functools.partial(self._settled, obj, on_error))
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from .models import Connection, Task
@@ -35,8 +36,18 @@ WORKER = Connection.Role.WORKER.value
 TaskRow = tuple[int, str, float | None]  # id, data, timeout
 
 
+def _vendor() -> str:
+    """The database's vendor ("sqlite", "postgresql"), known from its engine without a thread-local look-up."""
+    return _vendor_of(settings.DATABASES[DEFAULT_DB_ALIAS]["ENGINE"])
+
+
+@functools.cache
+def _vendor_of(engine: str) -> str:
+    return connections[DEFAULT_DB_ALIAS].vendor
+
+
 @functools.lru_cache(maxsize=64)
-def _adapted(vendor: str, value: datetime) -> Any:
+def _adapted(value: datetime) -> Any:
     return connections[DEFAULT_DB_ALIAS].ops.adapt_datetimefield_value(value)
 
 
@@ -46,12 +57,11 @@ def db_time(value: datetime | None) -> Any:
     Cached: a batch passes the same ``now`` to most of its statements, and the
     conversion (time zone arithmetic, formatting) cost more than the SQL.
     """
-    return None if value is None else _adapted(connections[DEFAULT_DB_ALIAS].vendor, value)
+    return None if value is None else _adapted(value)
 
 
-@functools.cache
-def _skip_locked(vendor: str) -> str:
-    return " FOR UPDATE SKIP LOCKED" if vendor == "postgresql" else ""
+def _skip_locked() -> str:
+    return " FOR UPDATE SKIP LOCKED" if _vendor() == "postgresql" else ""
 
 
 def _placeholders(count: int) -> str:
@@ -151,7 +161,7 @@ def free_workers(limit: int) -> list[tuple[int, str, int]]:
         for pk, channel, concurrency, in_flight in _execute(
             f"SELECT id, channel_name, concurrency, in_flight FROM {CONNECTION}"
             f" WHERE role = %s AND disconnected_at IS NULL AND in_flight < concurrency"
-            f" ORDER BY ready_at, id LIMIT %s{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)}",
+            f" ORDER BY ready_at, id LIMIT %s{_skip_locked()}",
             (WORKER, limit),
         )
     ]
@@ -161,7 +171,7 @@ def due_tasks(now: datetime, limit: int) -> list[TaskRow]:
     """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
     return _execute(
         f"SELECT id, data, timeout FROM {TASK} WHERE state = %s AND (not_before IS NULL OR not_before <= %s)"
-        f" ORDER BY id LIMIT %s{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)}",
+        f" ORDER BY id LIMIT %s{_skip_locked()}",
         (QUEUED, db_time(now), limit),
     )
 
@@ -179,7 +189,7 @@ def claim_due(worker_id: int, count: int, lease_expires_at: datetime | None, now
     rows = _execute(
         f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE state = %s"
         f" AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s"
-        f"{_skip_locked(connections[DEFAULT_DB_ALIAS].vendor)})"
+        f"{_skip_locked()})"
         f" UPDATE {TASK} SET state = %s, worker_id = %s, assigned_at = %s, attempts = attempts + 1,"
         f" lease_expires_at = %s WHERE state = %s AND id IN (SELECT id FROM due) RETURNING id, data, timeout",
         (QUEUED, db_time(now), count, ASSIGNED, worker_id, db_time(now), db_time(lease_expires_at), QUEUED),
