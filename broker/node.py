@@ -27,6 +27,8 @@ import os
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from subscriptions.fanout import stop_process_fanout
+
 from . import dispatch, events
 
 logger = logging.getLogger("turtlemq.broker")
@@ -124,6 +126,7 @@ class BrokerNode:
             if self.process_id is not None:
                 await self._leave(self.process_id)
                 logger.info("broker process #%s stopped", self.process_id)
+            await stop_process_fanout()  # its reader ends, its process channel leaves the topics' groups
         self.process_id = None
         self._started = None
 
