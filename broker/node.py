@@ -126,7 +126,8 @@ class BrokerNode:
             if self.process_id is not None:
                 await self._leave(self.process_id)
                 logger.info("broker process #%s stopped", self.process_id)
-            await stop_process_fanout()  # its reader ends, its process channel leaves the topics' groups
+        # Also when only subscribers were served (the node starts with the first client or worker).
+        await stop_process_fanout()  # its reader ends, its process channel leaves the topics' groups
         self.process_id = None
         self._started = None
 
