@@ -353,10 +353,10 @@ class Batch:
     """The operations run in one transaction, and what they add up to.
 
     Operations run in order, each seeing the changes of those before it. What
-    is better done once for all of them waits for :meth:`finish`: the slots
-    that completions and failures freed are refilled from the queue (or
-    given back), the outcomes sent are marked delivered in one statement, and
-    one assignment round runs if tasks or workers became available.
+    is better done once for all of them waits for :meth:`finish`: one
+    assignment round if tasks or workers became available, then the slots
+    that completions and failures freed are refilled from the queue (or given
+    back), and the outcomes sent are marked delivered in one statement.
     """
 
     def __init__(self, now: datetime) -> None:
@@ -371,19 +371,21 @@ class Batch:
         self.freed[worker_id] = (worker_channel, count + 1)
 
     def finish(self) -> None:
-        if self.freed:
-            self._refill()
+        # Idle workers first: they have waited longer than those that freed a slot just now.
         if self.assign_round:
             self.effects.assignments.extend(_assign(self.now))
+        if self.freed:
+            self._refill()
         if self.delivered:
             sql.mark_delivered(self.delivered, self.now)
 
     def _refill(self) -> None:
         """Hand the workers that freed slots the oldest due tasks; give back the slots left over.
 
-        Any due task would already have gone to a worker idle for longer, had
-        there been one, so the workers that free up are the right ones to take
-        them, and their slots stay taken, which saves updating their rows.
+        Any due task left after the batch's assignment round would have gone to
+        a worker idle for longer, had there been one, so the workers that free
+        up are the right ones to take them, and their slots stay taken, which
+        saves updating their rows.
         """
         default_lease = lease_until(None, self.now)
         queue_empty = False

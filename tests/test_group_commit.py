@@ -96,6 +96,21 @@ def test_a_completion_and_the_next_task_for_that_worker_come_out_of_one_batch():
 
 
 @pytest.mark.django_db
+def test_a_task_submitted_in_the_batch_where_a_worker_frees_up_goes_to_the_worker_idle_for_longer():
+    process_id = new_process()
+    busy = worker(process_id, "busy")
+    (held,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
+    worker(process_id, "idle")
+
+    errors, effects = dispatch.run_batch(
+        [Complete(busy, "worker.busy", held.task_id, "ONE"), Submit("client.a", None, "m2", "two")]
+    )
+
+    assert errors == [None, None]
+    assert [(a.worker_channel, a.data) for a in effects.assignments] == [("worker.idle", "two")]
+
+
+@pytest.mark.django_db
 def test_the_same_message_id_twice_in_one_batch_is_one_task():
     errors, _ = dispatch.run_batch([Submit("client.a", "app", "m1", "x"), Submit("client.b", "app", "m1", "x")])
 
