@@ -327,7 +327,13 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             logger.error("could not handle a %s frame: %r; closing the connection", obj.get("type"), exc)
             report = asyncio.ensure_future(self.close(code=CLOSE_INTERNAL_ERROR))
         self._reports.add(report)
-        report.add_done_callback(self._reports.discard)
+        report.add_done_callback(self._reported)
+
+    def _reported(self, report: asyncio.Future[None]) -> None:
+        self._reports.discard(report)
+        if not report.cancelled() and report.exception() is not None:
+            # The connection closed meanwhile: nobody is left to tell.
+            logger.debug("could not report a refused frame: %r", report.exception())
 
     async def _settle(self) -> None:
         """Wait until the task operations this connection queued are committed."""
