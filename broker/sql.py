@@ -103,13 +103,15 @@ def _run(sql: str, params: Sequence[Any]) -> Any:
     return cursor
 
 
-def _execute(sql: str, params: Sequence[Any]) -> list[tuple]:
+def fetch_rows(sql: str, params: Sequence[Any]) -> list[tuple]:
+    """Run one hand-written statement (``%s`` placeholders); the rows it returned, if any."""
     cursor = _run(sql, params)
     with connections[DEFAULT_DB_ALIAS].wrap_database_errors:
         return cursor.fetchall() if cursor.description else []
 
 
-def _execute_count(sql: str, params: Sequence[Any]) -> int:
+def rowcount(sql: str, params: Sequence[Any]) -> int:
+    """Run one hand-written statement; how many rows it changed."""
     return _run(sql, params).rowcount
 
 
@@ -118,7 +120,7 @@ def insert_task(
     now: datetime,
 ) -> None:  # fmt: skip
     """Store a new QUEUED task (the columns and defaults of ``Task``)."""
-    _execute_count(
+    rowcount(
         f"INSERT INTO {TASK} (message_id, client_id, reply_channel, data, state, attempts, failures, max_attempts,"
         " timeout, last_error, created_at) VALUES (%s, %s, %s, %s, %s, 0, 0, %s, %s, '', %s)",
         (message_id, client_id, reply_channel, data, QUEUED, max_attempts, timeout, db_time(now)),
@@ -130,7 +132,7 @@ def client_task_counts(client_id: str, message_id: str) -> tuple[int, int]:
 
     One statement, read from the indexes on (client_id, message_id) and (client_id, state).
     """
-    rows = _execute(
+    rows = fetch_rows(
         f"SELECT COALESCE(SUM(CASE WHEN message_id = %s THEN 1 ELSE 0 END), 0),"
         f" COALESCE(SUM(CASE WHEN state IN (%s, %s) THEN 1 ELSE 0 END), 0)"
         f" FROM {TASK} WHERE client_id = %s AND (message_id = %s OR state IN (%s, %s))",
@@ -146,7 +148,7 @@ def complete_held(worker_id: int, task_id: int, result: str, now: datetime) -> t
     Compare-and-set: a task that is not ASSIGNED to this worker (finished,
     taken back, cancelled, someone else's) is left alone.
     """
-    rows = _execute(
+    rows = fetch_rows(
         f"UPDATE {TASK} SET state = %s, result = %s, finished_at = %s, lease_expires_at = NULL"
         f" WHERE id = %s AND worker_id = %s AND state = %s RETURNING reply_channel, message_id",
         (DONE, result, db_time(now), task_id, worker_id, ASSIGNED),
@@ -158,7 +160,7 @@ def free_workers(limit: int) -> list[tuple[int, str, int]]:
     """Live workers with a free slot, longest idle first: (id, channel_name, free slots)."""
     return [
         (pk, channel, concurrency - in_flight)
-        for pk, channel, concurrency, in_flight in _execute(
+        for pk, channel, concurrency, in_flight in fetch_rows(
             f"SELECT id, channel_name, concurrency, in_flight FROM {CONNECTION}"
             f" WHERE role = %s AND disconnected_at IS NULL AND in_flight < concurrency"
             f" ORDER BY ready_at, id LIMIT %s{_skip_locked()}",
@@ -169,7 +171,7 @@ def free_workers(limit: int) -> list[tuple[int, str, int]]:
 
 def due_tasks(now: datetime, limit: int) -> list[TaskRow]:
     """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
-    return _execute(
+    return fetch_rows(
         f"SELECT id, data, timeout FROM {TASK} WHERE state = %s AND (not_before IS NULL OR not_before <= %s)"
         f" ORDER BY id LIMIT %s{_skip_locked()}",
         (QUEUED, db_time(now), limit),
@@ -186,7 +188,7 @@ def claim_due(worker_id: int, count: int, lease_expires_at: datetime | None, now
     # The candidates in a MATERIALIZED CTE: computed once. As a plain subquery
     # PostgreSQL may run it again for each row, and with SKIP LOCKED each run
     # can find other rows, claiming more than ``count`` tasks.
-    rows = _execute(
+    rows = fetch_rows(
         f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE state = %s"
         f" AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s"
         f"{_skip_locked()})"
@@ -198,13 +200,13 @@ def claim_due(worker_id: int, count: int, lease_expires_at: datetime | None, now
 
 
 def set_lease(task_id: int, lease_expires_at: datetime | None) -> None:
-    _execute_count(f"UPDATE {TASK} SET lease_expires_at = %s WHERE id = %s", (db_time(lease_expires_at), task_id))
+    rowcount(f"UPDATE {TASK} SET lease_expires_at = %s WHERE id = %s", (db_time(lease_expires_at), task_id))
 
 
 def take_slots(worker_id: int, count: int, now: datetime) -> bool:
     """Compare-and-set: count ``count`` more tasks on a live worker if its concurrency allows."""
     return bool(
-        _execute_count(
+        rowcount(
             f"UPDATE {CONNECTION} SET in_flight = in_flight + %s, ready_at = %s"
             f" WHERE id = %s AND disconnected_at IS NULL AND in_flight + %s <= concurrency",
             (count, db_time(now), worker_id, count),
@@ -214,7 +216,7 @@ def take_slots(worker_id: int, count: int, now: datetime) -> bool:
 
 def give_back_slots(worker_id: int, count: int, now: datetime) -> None:
     """The worker holds ``count`` fewer tasks (never below zero); it is idle from ``now``."""
-    _execute_count(
+    rowcount(
         f"UPDATE {CONNECTION} SET in_flight = CASE WHEN in_flight > %s THEN in_flight - %s ELSE 0 END, ready_at = %s"
         f" WHERE id = %s AND in_flight > 0",
         (count, count, db_time(now), worker_id),
@@ -223,7 +225,7 @@ def give_back_slots(worker_id: int, count: int, now: datetime) -> None:
 
 def claim_tasks(task_ids: list[int], worker_id: int, lease_expires_at: datetime | None, now: datetime) -> set[int]:
     """Compare-and-set: hand those of ``task_ids`` still QUEUED to the worker; the ids it got."""
-    rows = _execute(
+    rows = fetch_rows(
         f"UPDATE {TASK} SET state = %s, worker_id = %s, assigned_at = %s, attempts = attempts + 1,"
         f" lease_expires_at = %s WHERE id IN ({_placeholders(len(task_ids))}) AND state = %s RETURNING id",
         (ASSIGNED, worker_id, db_time(now), db_time(lease_expires_at), *task_ids, QUEUED),
@@ -233,7 +235,7 @@ def claim_tasks(task_ids: list[int], worker_id: int, lease_expires_at: datetime 
 
 def mark_delivered(task_ids: list[int], now: datetime) -> None:
     """Record that the outcomes of these tasks were sent to their clients (the first time counts)."""
-    _execute_count(
+    rowcount(
         f"UPDATE {TASK} SET delivered_at = %s WHERE id IN ({_placeholders(len(task_ids))}) AND delivered_at IS NULL",
         (db_time(now), *task_ids),
     )

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from broker.protocol import ErrorCode, ProtocolError
 
+from . import sql
 from .models import EmailOutbox, Message, Subscription, Topic
 from .names import has_wildcards, matches
 
@@ -122,15 +122,14 @@ def publish(name: str, data: str) -> Published:
     """
     now = timezone.now()
     with transaction.atomic():
-        # The UPDATE takes the row lock first, so concurrent publishers queue here.
-        if Topic.objects.filter(name=name).update(last_message_id=F("last_message_id") + 1) != 1:
+        counted = sql.next_seq(name)
+        if counted is None:
             raise UnknownTopic(name)
-        topic_id, seq = Topic.objects.filter(name=name).values_list("pk", "last_message_id").get()
-        message = Message.objects.create(topic_id=topic_id, seq=seq, data=data)
-        recipients = Subscription.objects.active().filter(topic_id=topic_id).values_list("pk", "address")
+        topic_id, seq = counted
+        message_id = sql.insert_message(topic_id, seq, data, now)
         rows = EmailOutbox.objects.bulk_create(
-            EmailOutbox(message=message, subscription_id=pk, address=address, next_try_at=now)
-            for pk, address in recipients
+            EmailOutbox(message_id=message_id, subscription_id=pk, address=address, next_try_at=now)
+            for pk, address in sql.email_recipients(topic_id)
         )
     return Published(topic_id=topic_id, topic=name, seq=seq, data=data, emails=len(rows))
 

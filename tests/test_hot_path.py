@@ -12,8 +12,11 @@ from collections import Counter
 import pytest
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.db import connection
 from django.db.backends.signals import connection_created
+from django.test.utils import CaptureQueriesContext
 
+from subscriptions import topics
 from turtlemq_site.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -100,3 +103,15 @@ async def test_a_task_costs_few_statements_and_no_layer_message_between_local_pe
     print(f"per task: {statements:.1f} SQL statements {dict(counter.counts)}, {messages:.1f} layer messages")
     assert statements <= MAX_STATEMENTS_PER_TASK
     assert messages <= MAX_LAYER_MESSAGES_PER_TASK
+
+
+def test_publishing_a_message_with_no_email_subscriber_costs_three_statements():
+    """Count the topic's sequence up, store the message, look for e-mail subscribers."""
+    topics.create_topic("hot.path")
+    with CaptureQueriesContext(connection) as queries:
+        published = topics.publish("hot.path", "hello")
+
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    statements = [s for s in statements if s not in ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
+    assert statements == ["UPDATE", "INSERT", "SELECT"]
+    assert (published.seq, published.emails) == (1, 0)
