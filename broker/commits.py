@@ -22,6 +22,7 @@ operation run later (a disconnection, say) therefore commits after them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import weakref
 
@@ -65,7 +66,10 @@ class GroupCommit:
 
     def _ensure_draining(self) -> None:
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            # A context of its own: the drainer serves every connection and must not
+            # inherit the context of the one that started it (asgiref keeps its
+            # "a database call is under way here" guard in a context variable).
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
         # While one batch's effects are announced here, the next batch already

@@ -219,3 +219,21 @@ async def test_a_burst_of_submissions_from_one_client_is_answered_in_full_with_e
         )
     finally:
         await peers.close_all()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_group_commit_runs_whatever_context_its_first_caller_was_in():
+    """A caller inside asgiref's "database call under way" guard must not make every batch refuse to run."""
+    from asgiref.sync import SyncToAsync
+
+    process_id = await database_sync_to_async(new_process)()
+    await database_sync_to_async(worker)(process_id, "w")
+    group = commits.GroupCommit()
+
+    SyncToAsync.deadlock_context.set(True)  # as if this task were waiting for a database_sync_to_async call
+    try:
+        await group.submit(Submit("client.a", None, "m1", "one"))
+    finally:
+        SyncToAsync.deadlock_context.set(False)
+
+    assert await database_sync_to_async(states)() == {"m1": "assigned"}

@@ -15,6 +15,7 @@ the lifespan protocol (``turtlemq_site.lifespan``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 
 from daphne.server import Server
@@ -37,7 +38,11 @@ def install() -> None:
     kill_all_applications = Server.kill_all_applications
 
     def shut_down_gracefully(server: Server) -> defer.Deferred:
-        leaving = defer.Deferred.fromFuture(asyncio.ensure_future(_leave(server)))
+        # A fresh context: the trigger runs in whatever context the signal
+        # interrupted, possibly one in the middle of a database_sync_to_async
+        # call, whose deadlock guard would then refuse the node's own calls.
+        task = asyncio.get_event_loop().create_task(_leave(server), context=contextvars.Context())
+        leaving = defer.Deferred.fromFuture(task)
         leaving.addErrback(lambda failure: logger.error("graceful shutdown failed: %s", failure.getTraceback()))
         leaving.addBoth(lambda _: kill_all_applications(server))
         return leaving
