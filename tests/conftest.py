@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.node import node
+from tests.communicators import Peers
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,11 @@ async def _fresh_broker_node():
     """Each test runs in its own event loop and database: start the node afresh."""
     yield
     await node.stop()
+
+
+@pytest.fixture
+async def peers():
+    """In-process clients and workers (``tests.communicators``), closed after the test."""
+    opened = Peers()
+    yield opened
+    await opened.close_all()

@@ -35,13 +35,6 @@ KEYS = "/admin/broker/accesskey/"
 
 
 @pytest.fixture
-async def peers():
-    opened = Peers()
-    yield opened
-    await opened.close_all()
-
-
-@pytest.fixture
 def auth_on(settings):
     settings.TURTLEMQ_AUTH = True
     settings.TURTLEMQ_AUTH_TIMEOUT = 30.0

@@ -14,16 +14,9 @@ import pytest
 from channels.db import database_sync_to_async
 
 from broker.models import Connection, Task
-from tests.communicators import Peer, Peers, wait_until
+from tests.communicators import Peer, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-async def peers():
-    opened = Peers()
-    yield opened
-    await opened.close_all()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from django.db import OperationalError
 from broker import commits, dispatch
 from broker.dispatch import Complete, MarkDelivered, Release, Submit, UnknownTask
 from broker.models import Task
-from tests.communicators import Peers, wait_until
+from tests.communicators import wait_until
 
 
 def new_process() -> int:
@@ -193,32 +193,28 @@ async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it():
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_burst_of_submissions_from_one_client_is_answered_in_full_with_errors_where_due(settings):
+async def test_a_burst_of_submissions_from_one_client_is_answered_in_full_with_errors_where_due(settings, peers):
     settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT = 150
-    peers = Peers()
-    try:
-        worker_peer = await peers.worker(concurrency=200)
-        client = await peers.client()
-        for n in range(200):
-            await client.submit(f"m{n}", str(n))
-        # The first 150 are accepted (the in-flight limit), the rest refused, each with its messageId.
-        tasks = [await worker_peer.next_task() for _ in range(150)]
-        errors = [await client.expect_error("RATE_LIMITED") for _ in range(50)]
-        assert sorted(e["ref"]["messageId"] for e in errors) == sorted(f"m{n}" for n in range(150, 200))
-        assert sorted(int(t["data"]) for t in tasks) == list(range(150))
-        # Accepted in the order sent: task ids rise with the messageIds.
-        by_data = sorted(tasks, key=lambda t: int(t["data"]))
-        assert [int(t["taskId"]) for t in by_data] == sorted(int(t["taskId"]) for t in tasks)
+    worker_peer = await peers.worker(concurrency=200)
+    client = await peers.client()
+    for n in range(200):
+        await client.submit(f"m{n}", str(n))
+    # The first 150 are accepted (the in-flight limit), the rest refused, each with its messageId.
+    tasks = [await worker_peer.next_task() for _ in range(150)]
+    errors = [await client.expect_error("RATE_LIMITED") for _ in range(50)]
+    assert sorted(e["ref"]["messageId"] for e in errors) == sorted(f"m{n}" for n in range(150, 200))
+    assert sorted(int(t["data"]) for t in tasks) == list(range(150))
+    # Accepted in the order sent: task ids rise with the messageIds.
+    by_data = sorted(tasks, key=lambda t: int(t["data"]))
+    assert [int(t["taskId"]) for t in by_data] == sorted(int(t["taskId"]) for t in tasks)
 
-        for task in tasks:
-            await worker_peer.respond(task, task["data"].upper())
-        answers = {(await client.expect("RESPONSE_TASK"))["messageId"] for _ in range(150)}
-        assert answers == {f"m{n}" for n in range(150)}
-        await wait_until(
-            lambda: Task.objects.filter(delivered_at__isnull=False).count() == 150, what="every delivery recorded"
-        )
-    finally:
-        await peers.close_all()
+    for task in tasks:
+        await worker_peer.respond(task, task["data"].upper())
+    answers = {(await client.expect("RESPONSE_TASK"))["messageId"] for _ in range(150)}
+    assert answers == {f"m{n}" for n in range(150)}
+    await wait_until(
+        lambda: Task.objects.filter(delivered_at__isnull=False).count() == 150, what="every delivery recorded"
+    )
 
 
 @pytest.mark.django_db(transaction=True)

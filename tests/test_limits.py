@@ -16,16 +16,9 @@ from django.test.utils import CaptureQueriesContext
 from broker import dispatch
 from broker.models import Task
 from broker.ratelimit import TokenBucket
-from tests.communicators import Peer, Peers
+from tests.communicators import Peer
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-async def peers():
-    opened = Peers()
-    yield opened
-    await opened.close_all()
 
 
 @database_sync_to_async

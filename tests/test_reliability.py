@@ -20,7 +20,7 @@ from broker import dispatch
 from broker.dispatch import Outcome, ProcessStopped
 from broker.models import BrokerProcess, Connection, Task
 from broker.node import node
-from tests.communicators import Peers, wait_until
+from tests.communicators import wait_until
 from turtlemq_site.asgi import application
 
 GOING_AWAY = 1001
@@ -257,13 +257,6 @@ def test_stop_process_of_a_reaped_process_releases_what_registered_after_the_rea
 
 
 # --- the node: revived after being declared dead, stopped, lifespan ----------------------------------------
-
-
-@pytest.fixture
-async def peers():
-    opened = Peers()
-    yield opened
-    await opened.close_all()
 
 
 @database_sync_to_async
