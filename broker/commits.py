@@ -17,6 +17,17 @@ Delivery marks (an outcome was sent to its client) need no caller to wait for
 them: :meth:`GroupCommit.note_delivered` only remembers the task, and the next batch,
 whatever else it holds, records every delivery noted before it started. An
 operation run later (a disconnection, say) therefore commits after them.
+
+With SQLite, a batch of operations that need only hand-written statements
+runs right here on the event loop, on a connection of the loop's own, with no
+hop at all (``broker.embedded``); any other batch, and every batch on
+PostgreSQL, goes to the database thread.
+
+The hop to the database thread is made here rather than through
+``database_sync_to_async``: a batch needs none of what that wrapper carries
+(context variables, a sync caller's thread), only the same thread and database
+connection as every other database call of the process, and the wrapper's
+bookkeeping cost more than a small batch's SQL (see :func:`run_batch`).
 """
 
 from __future__ import annotations
@@ -25,20 +36,47 @@ import asyncio
 import contextvars
 import logging
 import weakref
+from collections.abc import Callable, Sequence
 
+from asgiref.sync import AsyncToSync, SyncToAsync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.db import DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from . import dispatch, events, local
+from . import dispatch, embedded, events
 from .protocol import ProtocolError
 
 logger = logging.getLogger("turtlemq.broker")
 
-run_batch = database_sync_to_async(dispatch.run_batch)
+Error = ProtocolError | DatabaseError
+Outcomes = tuple[list[Error | None], dispatch.Effects]
+# How a caller hears how its operation went: a future (done with None or the error),
+# or a callback called with None or the error (CancelledError: the batch never ran).
+Settled = asyncio.Future[None] | Callable[[BaseException | None], None]
+Waiting = tuple[dispatch.Operation, Settled]
 
-Waiting = tuple[dispatch.Operation, "asyncio.Future[None]"]
-Outcomes = tuple[list[ProtocolError | DatabaseError | None], dispatch.Effects]
+
+def _run_batch_in_thread(operations: Sequence[dispatch.Operation]) -> Outcomes:
+    # What database_sync_to_async does around every call, for the one connection batches use.
+    connections[DEFAULT_DB_ALIAS].close_if_unusable_or_obsolete()
+    return dispatch.run_batch(operations)
+
+
+_run_batch_compatibly = database_sync_to_async(dispatch.run_batch)
+
+
+async def run_batch(operations: Sequence[dispatch.Operation]) -> Outcomes:
+    """Run a batch in the database thread: the thread (and connection) that ``database_sync_to_async`` uses.
+
+    That is asgiref's one thread for thread-sensitive calls, unless this event
+    loop serves a synchronous caller (``async_to_sync``, as in tests): then the
+    batch must run where that caller's database calls run, and the wrapper
+    knows where.
+    """
+    loop = asyncio.get_running_loop()
+    if loop in AsyncToSync.loop_thread_executors or getattr(AsyncToSync.executors, "current", None) is not None:
+        return await _run_batch_compatibly(operations)
+    return await loop.run_in_executor(SyncToAsync.single_thread_executor, _run_batch_in_thread, operations)
 
 
 class GroupCommit:
@@ -48,6 +86,8 @@ class GroupCommit:
         self._queue: list[Waiting] = []
         self._delivered: list[int] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._on_loop: bool | None = None  # whether batches may run on the loop; known at the first batch
+        self._loop_connection: embedded.LoopConnection | None = None
 
     def submit(self, operation: dispatch.Operation) -> asyncio.Future[None]:
         """Queue ``operation`` for the next batch; the future is done once its effects were announced.
@@ -55,27 +95,44 @@ class GroupCommit:
         It holds the operation's error, if any. Operations commit in the order they were submitted.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((operation, future))
-        self._ensure_draining()
+        self.enqueue(operation, future)
         return future
+
+    def enqueue(self, operation: dispatch.Operation, settled: Settled) -> None:
+        """Queue ``operation``; ``settled`` hears how it went once its batch's effects were announced."""
+        self._queue.append((operation, settled))
+        if self._drainer is None:
+            self._start_draining()
 
     def note_delivered(self, task_id: int) -> None:
         """The outcome of ``task_id`` was sent to its client: the next batch records it."""
         self._delivered.append(task_id)
-        self._ensure_draining()
+        if self._drainer is None:
+            self._start_draining()
 
-    def _ensure_draining(self) -> None:
-        if self._drainer is None or self._drainer.done():
-            # A context of its own: the drainer serves every connection and must not
-            # inherit the context of the one that started it (asgiref keeps its
-            # "a database call is under way here" guard in a context variable).
-            self._drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
+    def _start_draining(self) -> None:
+        # A context of its own: the drainer serves every connection and must not
+        # inherit the context of the one that started it (asgiref keeps its
+        # "a database call is under way here" guard in a context variable).
+        self._drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_batches()
+        finally:
+            self._drainer = None
+
+    async def _drain_batches(self) -> None:
         # While one batch's effects are announced here, the next batch already
         # runs in the database thread: announcing never holds up a commit.
         committed: tuple[list[Waiting], Outcomes] | None = None
+        if self._on_loop is None:
+            self._on_loop = embedded.wanted()
         while True:
+            if self._on_loop:
+                # A batch on the loop runs as soon as it starts: first let the
+                # frames that arrived meanwhile join it.
+                await asyncio.sleep(0)
             running = self._start_batch()
             if committed is not None:
                 await self._announce(*committed)
@@ -89,9 +146,8 @@ class GroupCommit:
                 committed = (batch, await result)
             except BaseException as exc:
                 # The database is unreachable, or the loop is closing: nothing was committed.
-                for _, future in batch:
-                    if not future.done():
-                        future.cancel() if isinstance(exc, asyncio.CancelledError) else future.set_exception(exc)
+                for _, settled in batch:
+                    _settle(settled, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
@@ -104,26 +160,55 @@ class GroupCommit:
         if self._delivered:
             operations.append(dispatch.MarkDelivered(self._delivered))
             self._delivered = []
+        if self._on_loop and all(operation.on_loop for operation in operations):
+            done = self._run_on_loop(operations)
+            if done is not None:
+                return batch, done
         return batch, asyncio.ensure_future(run_batch(operations))
+
+    def _run_on_loop(self, operations: list[dispatch.Operation]) -> asyncio.Future[Outcomes] | None:
+        """Run a batch on the loop's own SQLite connection; None if it must take the database thread after all."""
+        if self._loop_connection is None:
+            self._loop_connection = embedded.open_for_loop()
+        try:
+            outcomes = dispatch.run_batch_on_loop(operations, self._loop_connection)
+        except embedded.Busy:
+            return None  # another connection is writing: the thread waits for it
+        except DatabaseError:
+            # Rolled back whole; in the thread each operation is tried again on its own.
+            logger.warning("a batch of %s operations failed on the event loop", len(operations), exc_info=True)
+            return None
+        done: asyncio.Future[Outcomes] = asyncio.get_running_loop().create_future()
+        done.set_result(outcomes)
+        return done
 
     async def _announce(self, batch: list[Waiting], outcomes: Outcomes) -> None:
         """Ring a committed batch's effects, then tell each caller how its operation went."""
         errors, effects = outcomes
         try:
-            await events.ring(effects, get_channel_layer(), local.deliver)
+            await events.ring(effects, get_channel_layer())
         except Exception:
             # A doorbell, not the truth: the database still says what is owed to whom.
             logger.exception("could not announce the effects of a batch of %s operations", len(batch))
         if len(errors) > len(batch) and errors[-1] is not None:
             # Only a repeat on resume: the database still counts these outcomes as owed.
             logger.error("could not record the delivery of outcomes: %s", errors[-1])
-        for (_, future), error in zip(batch, errors[: len(batch)], strict=True):
-            if future.done():
-                continue  # its caller went away (its connection closed); the work is done all the same
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+        for (_, settled), error in zip(batch, errors[: len(batch)], strict=True):
+            _settle(settled, error)
+
+
+def _settle(settled: Settled, error: BaseException | None) -> None:
+    """Tell a caller how its operation went (a cancelled batch cancels its future)."""
+    if not isinstance(settled, asyncio.Future):
+        settled(error)
+    elif settled.done():
+        pass  # its caller went away (its connection closed); the work is done all the same
+    elif isinstance(error, asyncio.CancelledError):
+        settled.cancel()
+    elif error is None:
+        settled.set_result(None)
+    else:
+        settled.set_exception(error)
 
 
 _group_commits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit] = weakref.WeakKeyDictionary()

@@ -15,14 +15,16 @@ for this frame. The in-flight limit of a client is the domain's
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from subscriptions.consumers import TopicFramesMixin
@@ -35,6 +37,13 @@ from .protocol import ErrorCode, ProtocolError
 from .ratelimit import TokenBucket
 
 logger = logging.getLogger("turtlemq.broker")
+
+# Handler names of the messages every connection gets, known without get_handler_name's checks.
+_HANDLER_NAMES = {
+    "websocket.receive": "websocket_receive",
+    "task.assign": "task_assign",
+    "task.outcome": "task_outcome",
+}
 
 PARSERS: dict[str, protocol.Parser] = {**protocol.TASK_PARSERS, **TOPIC_PARSERS}
 
@@ -80,11 +89,47 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     grant: access.Grant | None = access.FULL_ACCESS
     refused = False  # closed for want of a valid key: later frames are ignored
 
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        """Serve the connection: frames from the socket here, channel-layer events in a task beside it.
+
+        Channels' own loop starts a task and waits on two for every message;
+        this one reads the socket in the connection's task and the layer in
+        one task for the connection's whole life. Handlers may therefore run
+        side by side, as they already do for in-process deliveries
+        (``broker.local``); those that must not (the topic frames) hold a lock.
+        """
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.base_send = send
+        layer_events = asyncio.ensure_future(self._read_layer())
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            layer_events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await layer_events
+
+    async def _read_layer(self) -> None:
+        try:
+            while True:
+                await self.dispatch(await self.channel_layer.receive(self.channel_name))
+        except StopConsumer:
+            pass
+        except Exception:
+            # As an error in Channels' own loop would: the connection ends.
+            logger.exception("channel-layer events of %s failed; closing the connection", self.channel_name)
+            await self.close(code=CLOSE_INTERNAL_ERROR)
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections (a thread hop) before
         # every handler. Every database call here goes through
         # database_sync_to_async, which does that itself, so skip the hop.
-        handler = getattr(self, get_handler_name(message), None)
+        name = _HANDLER_NAMES.get(message["type"]) or get_handler_name(message)
+        handler = getattr(self, name, None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
         await handler(message)
@@ -93,9 +138,11 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         self._auth_deadline: asyncio.Task[None] | None = None
         self._key_group: str | None = None  # the group of the key's connections (see access_changed)
         self._unanswered = 0  # tasks this connection submitted whose outcome it has not been sent
-        self._pipeline: set[asyncio.Future[None]] = set()  # its task operations waiting for their commit
+        self._pipelined = 0  # its task operations waiting for their commit
+        self._pipeline_moved: asyncio.Future[None] | None = None  # set when one of them is done (see _enqueue)
         self._group_commit = commits.group_commit()  # this process's; looked up once per connection
         self._reports: set[asyncio.Future[None]] = set()  # ERROR frames of those refused, being sent
+        self._max_frame_bytes = settings.TURTLEMQ_MAX_FRAME_BYTES
         if not access.origin_allowed(self.scope):
             await self.close()  # before accepting: the server refuses the handshake (HTTP 403)
             return
@@ -130,7 +177,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         if text_data is None:
             await self.close(code=CLOSE_UNSUPPORTED_DATA)
             return
-        limit = settings.TURTLEMQ_MAX_FRAME_BYTES
+        limit = self._max_frame_bytes
         if len(text_data) > limit // 4 and len(text_data.encode()) > limit:
             await self.close(code=CLOSE_MESSAGE_TOO_BIG)
             return
@@ -217,21 +264,31 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     # --- channel-layer events --------------------------------------------------------
 
     async def task_assign(self, event: events.TaskAssignEvent) -> None:
-        """A task for this worker: send it as REQUEST_TASK."""
-        await self.send_frame(protocol.request_task_frame(event["task_id"], event["data"]))
+        """A task for this worker from another process: send it as REQUEST_TASK."""
+        await self.send_assignment(dispatch.Assignment(self.channel_name, event["task_id"], event["data"]))
+
+    async def send_assignment(self, assignment: dispatch.Assignment) -> None:
+        """A task for this worker (``broker.local``): send it as REQUEST_TASK."""
+        await self.send_frame(protocol.request_task_frame(assignment.task_id, assignment.data))
 
     async def node_going_away(self, event: events.NodeGoingAwayEvent) -> None:
         """This broker process stopped serving the connection (shutdown, or declared dead): the peer reconnects."""
         await self.close(code=CLOSE_GOING_AWAY)
 
     async def task_outcome(self, event: events.TaskOutcomeEvent) -> None:
-        """The outcome of one of this client's tasks: send it, then record the delivery."""
-        if event["ok"]:
-            await self.send_frame(protocol.response_task_frame(event["message_id"], event["data"]))
+        """The outcome of one of this client's tasks from another process: send it, then record the delivery."""
+        await self.send_outcome(
+            dispatch.Outcome(self.channel_name, event["task_id"], event["message_id"], event["ok"], event["data"])
+        )
+
+    async def send_outcome(self, outcome: dispatch.Outcome) -> None:
+        """The outcome of one of this client's tasks (``broker.local``): send it, then record the delivery."""
+        if outcome.ok:
+            await self.send_frame(protocol.response_task_frame(outcome.message_id, outcome.data))
         else:
-            await self.send_frame(protocol.task_failed_frame(event["message_id"], event["data"]))
+            await self.send_frame(protocol.task_failed_frame(outcome.message_id, outcome.data))
         self._unanswered = max(0, self._unanswered - 1)
-        self._group_commit.note_delivered(event["task_id"])
+        self._group_commit.note_delivered(outcome.task_id)
 
     async def access_changed(self, event: access.KeyChangedEvent) -> None:
         """This connection's key changed: adopt its new grant, or close if it was revoked."""
@@ -284,7 +341,8 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
     # --- helpers ---------------------------------------------------------------------
 
     async def send_frame(self, frame: Mapping[str, Any]) -> None:
-        await self.send(text_data=protocol.encode(frame))
+        # Straight to the server: AsyncWebsocketConsumer.send only builds this message.
+        await self.base_send({"type": "websocket.send", "text": protocol.encode(frame)})
 
     async def send_error(self, exc: ProtocolError, obj: Mapping[str, Any]) -> None:
         ref = exc.ref or (protocol.ref_of(obj) if obj else {})
@@ -292,7 +350,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
 
     async def ring(self, effects: dispatch.Effects) -> None:
         """Announce effects; those meant for a connection of this process skip the channel layer."""
-        await events.ring(effects, self.channel_layer, local.deliver)
+        await events.ring(effects, self.channel_layer)
 
     async def _enqueue(
         self, operation: dispatch.Operation, obj: Mapping[str, Any], on_error: Callable[[], None] | None = None
@@ -305,19 +363,27 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         next frame waits, and the server stops reading its socket); an error
         is reported as the ERROR frame when the operation's batch is done.
         """
-        while len(self._pipeline) >= PIPELINE_DEPTH:
-            await asyncio.wait(self._pipeline, return_when=asyncio.FIRST_COMPLETED)
-        future = self._group_commit.submit(operation)
-        self._pipeline.add(future)
-        future.add_done_callback(functools.partial(self._settled, obj, on_error))
+        while self._pipelined >= PIPELINE_DEPTH:
+            await self._pipeline_change()
+        self._pipelined += 1
 
-    def _settled(
-        self, obj: Mapping[str, Any], on_error: Callable[[], None] | None, future: asyncio.Future[None]
-    ) -> None:
-        self._pipeline.discard(future)
-        if future.cancelled() or future.exception() is None:
-            return
-        exc = future.exception()
+        def settled(error: BaseException | None) -> None:
+            self._pipelined -= 1
+            if self._pipeline_moved is not None:
+                self._pipeline_moved.set_result(None)
+                self._pipeline_moved = None
+            if error is not None and not isinstance(error, asyncio.CancelledError):
+                self._refused(error, obj, on_error)
+
+        self._group_commit.enqueue(operation, settled)
+
+    def _pipeline_change(self) -> asyncio.Future[None]:
+        """A future done when the next of this connection's pipelined operations is done."""
+        if self._pipeline_moved is None:
+            self._pipeline_moved = asyncio.get_running_loop().create_future()
+        return self._pipeline_moved
+
+    def _refused(self, exc: BaseException, obj: Mapping[str, Any], on_error: Callable[[], None] | None) -> None:
         if on_error is not None:
             on_error()
         if isinstance(exc, ProtocolError):
@@ -337,8 +403,8 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
 
     async def _settle(self) -> None:
         """Wait until the task operations this connection queued are committed."""
-        if self._pipeline:
-            await asyncio.wait(self._pipeline)
+        while self._pipelined:
+            await self._pipeline_change()
 
     def _require_unregistered(self) -> None:
         if self.role is not None:

@@ -57,6 +57,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, ClassVar
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
@@ -66,6 +67,9 @@ from django.utils import timezone
 from . import sql
 from .models import BrokerProcess, Connection, Task
 from .protocol import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from .embedded import LoopConnection
 
 logger = logging.getLogger("turtlemq.broker")
 
@@ -359,8 +363,9 @@ class Batch:
     back), and the outcomes sent are marked delivered in one statement.
     """
 
-    def __init__(self, now: datetime) -> None:
+    def __init__(self, now: datetime, statements: sql.Statements) -> None:
         self.now = now
+        self.sql = statements  # made inside the batch's transaction
         self.effects = Effects()
         self.freed: dict[int, tuple[str, int]] = {}  # worker id -> (its channel, slots freed in this batch)
         self.delivered: list[int] = []
@@ -373,11 +378,11 @@ class Batch:
     def finish(self) -> None:
         # Idle workers first: they have waited longer than those that freed a slot just now.
         if self.assign_round:
-            self.effects.assignments.extend(_assign(self.now))
+            self.effects.assignments.extend(_assign(self.now, self.sql))
         if self.freed:
             self._refill()
         if self.delivered:
-            sql.mark_delivered(self.delivered, self.now)
+            self.sql.mark_delivered(self.delivered, self.now)
 
     def _refill(self) -> None:
         """Hand the workers that freed slots the oldest due tasks; give back the slots left over.
@@ -390,14 +395,14 @@ class Batch:
         default_lease = lease_until(None, self.now)
         queue_empty = False
         for worker_id, (channel, count) in self.freed.items():
-            tasks = [] if queue_empty else sql.claim_due(worker_id, count, default_lease, self.now)
+            tasks = [] if queue_empty else self.sql.claim_due(worker_id, count, default_lease, self.now)
             for pk, data, timeout in tasks:
                 if timeout is not None:
-                    sql.set_lease(pk, lease_until(timeout, self.now))
+                    self.sql.set_lease(pk, lease_until(timeout, self.now))
                 self.effects.assignments.append(Assignment(channel, str(pk), data))
             if len(tasks) < count:
                 queue_empty = True
-                sql.give_back_slots(worker_id, count - len(tasks), self.now)
+                self.sql.give_back_slots(worker_id, count - len(tasks), self.now)
 
 
 class Operation:
@@ -406,6 +411,11 @@ class Operation:
     ``apply`` may raise :class:`ProtocolError` only before it wrote anything,
     so that a refused operation leaves the rest of its batch untouched.
     """
+
+    # Whether it needs nothing but ``batch.sql``, so that its batch may run on
+    # the event loop's own SQLite connection (``broker.embedded``); else its
+    # batch takes Django's connection in the database thread.
+    on_loop: ClassVar[bool] = False
 
     def apply(self, batch: Batch) -> None:
         raise NotImplementedError
@@ -430,43 +440,56 @@ class Submit(Operation):
     timeout: float | None = None
     max_attempts: int | None = None
     unanswered: int = 0
+    on_loop: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
         if self.client_id is None:
             if limit and self.unanswered >= limit:
                 raise InFlightLimit(limit)
-            self._insert(batch.now)
+            self._insert(batch)
         else:
-            replay = self._insert_for_client(self.client_id, limit, batch.now)
+            replay = self._insert_for_client(batch, self.client_id, limit)
             if replay is not None:
                 batch.effects += replay
                 return
         batch.assign_round = True
 
-    def _insert(self, now: datetime) -> None:
+    def _insert(self, batch: Batch) -> None:
         max_attempts = self.max_attempts or settings.TURTLEMQ_MAX_ATTEMPTS
-        sql.insert_task(self.message_id, self.client_id, self.reply_channel, self.data, self.timeout, max_attempts, now)
+        batch.sql.insert_task(
+            self.message_id, self.client_id, self.reply_channel, self.data, self.timeout, max_attempts, batch.now
+        )
 
-    def _insert_for_client(self, client_id: str, limit: int, now: datetime) -> Effects | None:
+    def _insert_for_client(self, batch: Batch, client_id: str, limit: int) -> Effects | None:
         """Insert unless ``messageId`` repeats; what a repeat owes the client, else None."""
-        repeat, unfinished = sql.client_task_counts(client_id, self.message_id)
+        repeat, unfinished = batch.sql.client_task_counts(client_id, self.message_id)
         if repeat:
-            return _existing_outcome(self.reply_channel, client_id, self.message_id) or Effects()
+            return self._existing_outcome(batch, client_id) or Effects()
         if limit and unfinished >= limit:
             raise InFlightLimit(limit)
         try:
             # A savepoint: on PostgreSQL a failed insert would spoil the whole batch.
-            with transaction.atomic():
-                self._insert(now)
+            with batch.sql.savepoint():
+                self._insert(batch)
         except IntegrityError:
             # Another connection of the same clientId inserted this messageId
             # between our look-up and our insert: it is a repeat after all.
-            replay = _existing_outcome(self.reply_channel, client_id, self.message_id)
+            replay = self._existing_outcome(batch, client_id)
             if replay is None:
                 raise  # some other constraint failed: never report a lost task as a repeat
             return replay
         return None
+
+    def _existing_outcome(self, batch: Batch, client_id: str) -> Effects | None:
+        """What a repeated ``messageId`` owes the client: nothing yet (in flight), or its outcome again."""
+        row = batch.sql.task_of_client(client_id, self.message_id)
+        if row is None:
+            return None
+        pk, state, result = row
+        if state in Task.UNFINISHED_STATES:
+            return Effects()
+        return Effects(outcomes=[_outcome(self.reply_channel, pk, self.message_id, state, result)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,13 +503,14 @@ class Complete(Operation):
     worker_channel: str
     task_id: str
     result: str
+    on_loop: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         row = None
         if _is_task_id(self.task_id):
-            row = sql.complete_held(self.worker_id, int(self.task_id), self.result, batch.now)
+            row = batch.sql.complete_held(self.worker_id, int(self.task_id), self.result, batch.now)
         if row is None:
-            raise UnknownTask(self.task_id, _held(self.worker_id))
+            raise UnknownTask(self.task_id, [(str(pk), data) for pk, data in batch.sql.held(self.worker_id)])
         reply_channel, message_id = row
         batch.effects.outcomes.append(Outcome(reply_channel, int(self.task_id), message_id, True, self.result))
         batch.free_slot(self.worker_id, self.worker_channel)
@@ -532,6 +556,7 @@ class MarkDelivered(Operation):
     """The outcomes of these tasks were sent to their clients."""
 
     task_ids: list[int]
+    on_loop: ClassVar[bool] = True
 
     def apply(self, batch: Batch) -> None:
         batch.delivered.extend(self.task_ids)
@@ -575,10 +600,24 @@ def run_batch(operations: Sequence[Operation]) -> tuple[list[ProtocolError | Dat
     return errors, effects
 
 
-def _run_together(operations: Sequence[Operation]) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+def run_batch_on_loop(
+    operations: Sequence[Operation], connection: LoopConnection
+) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+    """Run operations that are all ``on_loop`` in one transaction on an event loop's SQLite connection.
+
+    Raises :class:`~broker.embedded.Busy` (having changed nothing) while
+    another connection writes, and any database error after rolling back the
+    whole batch: the caller then runs it with :func:`run_batch`.
+    """
+    return _run_together(operations, connection)
+
+
+def _run_together(
+    operations: Sequence[Operation], loop_connection: LoopConnection | None = None
+) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
     errors: list[ProtocolError | DatabaseError | None] = []
-    with transaction.atomic():
-        batch = Batch(timezone.now())
+    with transaction.atomic() if loop_connection is None else loop_connection.transaction():
+        batch = Batch(timezone.now(), sql.Statements(loop_connection))
         for operation in operations:
             try:
                 operation.apply(batch)
@@ -638,16 +677,6 @@ def mark_delivered(task_ids: list[int]) -> Effects:
     return run_one(MarkDelivered(task_ids))
 
 
-def _existing_outcome(reply_channel: str, client_id: str, message_id: str) -> Effects | None:
-    row = Task.objects.filter(client_id=client_id, message_id=message_id).values_list("pk", "state", "result").first()
-    if row is None:
-        return None
-    pk, state, result = row
-    if state in Task.UNFINISHED_STATES:
-        return Effects()
-    return Effects(outcomes=[_outcome(reply_channel, pk, message_id, state, result)])
-
-
 def lease_until(timeout: float | None, now: datetime) -> datetime | None:
     """When a task handed out (or touched) at ``now`` is taken back: its own timeout, else the default lease."""
     seconds = timeout if timeout is not None else settings.TURTLEMQ_DEFAULT_LEASE
@@ -670,7 +699,7 @@ def expire_leases(now: datetime) -> Effects:
             )
             # The slot is free from now on: a silent worker must not count as
             # idle since before its lease, or it would get the task straight back.
-            sql.give_back_slots(worker_id, 1, now)
+            sql.Statements().give_back_slots(worker_id, 1, now)
             effects.assignments.extend(_assign(now))
     return effects
 
@@ -736,7 +765,7 @@ def _outcome(reply_channel: str, pk: int, message_id: str, state: str, result: s
 # --- assignment ----------------------------------------------------------------------
 
 
-def _assign(now: datetime) -> list[Assignment]:
+def _assign(now: datetime, statements: sql.Statements | None = None) -> list[Assignment]:
     """Give due queued tasks, oldest first, to free workers, longest idle first.
 
     Must run inside a transaction. On PostgreSQL the candidate rows are locked
@@ -744,21 +773,22 @@ def _assign(now: datetime) -> list[Assignment]:
     rows; the updates are compare-and-set all the same, so SQLite (one writer)
     and any surprise stay correct.
     """
-    workers = sql.free_workers(WORKERS_PER_ROUND)
+    run = statements or sql.Statements()
+    workers = run.free_workers(WORKERS_PER_ROUND)
     if not workers:
         return []
-    tasks = sql.due_tasks(now, sum(free for _, _, free in workers))
+    tasks = run.due_tasks(now, sum(free for _, _, free in workers))
     if not tasks:
         return []
     channels = {pk: channel for pk, channel, _ in workers}
     assignments: list[Assignment] = []
     for worker_id, worker_tasks in _deal(tasks, workers).items():
-        if not sql.take_slots(worker_id, len(worker_tasks), now):
+        if not run.take_slots(worker_id, len(worker_tasks), now):
             continue  # it closed, or another process filled it meanwhile
-        claimed = _claim(worker_id, channels[worker_id], worker_tasks, now)
+        claimed = _claim(run, worker_id, channels[worker_id], worker_tasks, now)
         if len(claimed) < len(worker_tasks):
             # Someone else took some of them: keep what we got, give back the rest.
-            sql.give_back_slots(worker_id, len(worker_tasks) - len(claimed), now)
+            run.give_back_slots(worker_id, len(worker_tasks) - len(claimed), now)
         assignments.extend(claimed)
     return assignments
 
@@ -778,14 +808,16 @@ def _deal(tasks: list[sql.TaskRow], workers: list[tuple[int, str, int]]) -> dict
     return plan
 
 
-def _claim(worker_id: int, channel: str, tasks: list[sql.TaskRow], now: datetime) -> list[Assignment]:
+def _claim(
+    run: sql.Statements, worker_id: int, channel: str, tasks: list[sql.TaskRow], now: datetime
+) -> list[Assignment]:
     """Hand ``tasks`` to a worker whose slots are already counted; the assignments it got (compare-and-set)."""
     by_lease: dict[datetime | None, list[int]] = {}
     for pk, _, timeout in tasks:
         by_lease.setdefault(lease_until(timeout, now), []).append(pk)
     claimed: set[int] = set()
     for lease, task_ids in by_lease.items():
-        claimed |= sql.claim_tasks(task_ids, worker_id, lease, now)
+        claimed |= run.claim_tasks(task_ids, worker_id, lease, now)
     return [Assignment(channel, str(pk), data) for pk, data, _ in tasks if pk in claimed]
 
 
@@ -834,7 +866,7 @@ def cancel_tasks(task_ids: list[int], reason: str = "cancelled by an operator") 
                 state=Task.State.CANCELLED, result=reason, finished_at=now, lease_expires_at=None
             )
             if state == Task.State.ASSIGNED and worker_id is not None:
-                sql.give_back_slots(worker_id, 1, now)
+                sql.Statements().give_back_slots(worker_id, 1, now)
             effects.outcomes.append(Outcome(reply_channel, pk, message_id, False, reason))
         effects.assignments.extend(_assign(now))
     return effects
@@ -852,7 +884,7 @@ def requeue_tasks(task_ids: list[int]) -> tuple[int, Effects]:
         for pk, worker_id in taken:
             Task.objects.filter(pk=pk).update(state=Task.State.QUEUED, worker=None, lease_expires_at=None)
             if worker_id is not None:
-                sql.give_back_slots(worker_id, 1, now)
+                sql.Statements().give_back_slots(worker_id, 1, now)
         restarted = Task.objects.filter(pk__in=task_ids, state__in=(Task.State.FAILED, Task.State.CANCELLED)).update(
             state=Task.State.QUEUED,
             worker=None,

@@ -4,20 +4,21 @@ Two events travel between consumers, possibly in different processes:
 ``task.assign`` to a worker's channel (becomes REQUEST_TASK) and
 ``task.outcome`` to a client's channel (becomes RESPONSE_TASK or
 TASK_FAILED). A lost event delays but never loses work: the database still
-says what is owed to whom. A third, ``node.going_away``, goes from a broker
+says what is owed to whom. Effects for a connection of this process skip the
+layer (``broker.local``). A third, ``node.going_away``, goes from a broker
 process to its own connections when it stops serving them (a close with 1001).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Literal, TypedDict
 
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, get_channel_layer
 
+from . import local
 from .dispatch import Assignment, Effects, Outcome
 
 logger = logging.getLogger("turtlemq.broker")
@@ -55,24 +56,34 @@ def outcome_event(outcome: Outcome) -> TaskOutcomeEvent:
     }
 
 
-LocalHandler = Callable[[str, dict], Awaitable[bool]]
+async def ring(effects: Effects, layer: BaseChannelLayer | None = None, in_process: bool = True) -> None:
+    """Announce committed effects: in-process to a connection of this process, else over the channel layer.
 
-
-async def ring(effects: Effects, layer: BaseChannelLayer | None = None, local: LocalHandler | None = None) -> None:
-    """Announce committed effects; ``local(channel, event)`` may deliver in-process and return True."""
+    ``in_process=False`` for callers outside the broker's event loop (whose
+    connections they must not write to): everything takes the layer.
+    """
     if not effects:
         return
-    layer = layer or get_channel_layer()
-    events: list[tuple[str, dict]] = [(a.worker_channel, dict(assign_event(a))) for a in effects.assignments]
-    events.extend((o.reply_channel, dict(outcome_event(o))) for o in effects.outcomes)
-    for channel, event in events:
-        if local is not None and await local(channel, event):
-            continue
-        try:
-            await layer.send(channel, event)
-        except ChannelFull:
-            # The database still holds the task; it is re-sent on resume or re-dispatch.
-            logger.warning("channel %s is full; dropped %s for task %s", channel, event["type"], event["task_id"])
+    for assignment in effects.assignments:
+        peer = local.peer(assignment.worker_channel) if in_process else None
+        if peer is not None:
+            await local.deliver(assignment.worker_channel, peer.send_assignment(assignment), "a task")
+        else:
+            await _send(layer, assignment.worker_channel, dict(assign_event(assignment)))
+    for outcome in effects.outcomes:
+        peer = local.peer(outcome.reply_channel) if in_process else None
+        if peer is not None:
+            await local.deliver(outcome.reply_channel, peer.send_outcome(outcome), "an outcome")
+        else:
+            await _send(layer, outcome.reply_channel, dict(outcome_event(outcome)))
+
+
+async def _send(layer: BaseChannelLayer | None, channel: str, event: dict) -> None:
+    try:
+        await (layer or get_channel_layer()).send(channel, event)
+    except ChannelFull:
+        # The database still holds the task; it is re-sent on resume or re-dispatch.
+        logger.warning("channel %s is full; dropped %s for task %s", channel, event["type"], event["task_id"])
 
 
 async def going_away(channels: list[str], layer: BaseChannelLayer | None = None) -> None:
@@ -91,4 +102,4 @@ async def going_away(channels: list[str], layer: BaseChannelLayer | None = None)
 def ring_from_sync(effects: Effects) -> None:
     """``ring`` for synchronous callers: the admin and management commands."""
     if effects:
-        async_to_sync(ring)(effects)
+        async_to_sync(ring)(effects, in_process=False)

@@ -1,4 +1,4 @@
-"""This process's live connections by channel name, to deliver events without the channel layer.
+"""This process's live connections by channel name, to deliver task events without the channel layer.
 
 A routing cache only: it maps a channel name to the consumer that reads it in
 this process, nothing more. Every event delivered through it is one the
@@ -9,36 +9,45 @@ missing from it only means the event takes the channel layer instead.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .dispatch import Assignment, Outcome
 
 logger = logging.getLogger("turtlemq.broker")
 
 
-class Reader(Protocol):
-    async def dispatch(self, message: dict[str, Any]) -> None: ...
+class Peer(Protocol):
+    """What a consumer of this process offers to the announcer of a batch."""
+
+    async def send_assignment(self, assignment: Assignment) -> None: ...
+
+    async def send_outcome(self, outcome: Outcome) -> None: ...
 
 
-_connections: dict[str, Reader] = {}
+_connections: dict[str, Peer] = {}
 
 
-def register(channel: str, reader: Reader) -> None:
-    """``reader`` (a consumer of this process) now reads ``channel``."""
-    _connections[channel] = reader
+def register(channel: str, peer: Peer) -> None:
+    """``peer`` (a consumer of this process) now reads ``channel``."""
+    _connections[channel] = peer
 
 
 def unregister(channel: str) -> None:
     _connections.pop(channel, None)
 
 
-async def deliver(channel: str, event: dict[str, Any]) -> bool:
-    """Hand ``event`` to the consumer of ``channel`` if it lives in this process; False if it does not."""
-    reader = _connections.get(channel)
-    if reader is None:
-        return False
+def peer(channel: str) -> Peer | None:
+    """The consumer of ``channel`` if it lives in this process."""
+    return _connections.get(channel)
+
+
+async def deliver(channel: str, sending: Awaitable[None], what: str) -> None:
+    """Await a send to a local peer; a connection that is closing meanwhile only loses a doorbell."""
     try:
-        await reader.dispatch(event)
+        await sending
     except Exception:
-        # Its connection is closing: the database still owes the event (a
-        # released task is re-queued, an undelivered outcome re-sent on resume).
-        logger.warning("could not deliver %s to %s in-process", event.get("type"), channel, exc_info=True)
-    return True
+        # The database still owes the event (a released task is re-queued,
+        # an undelivered outcome re-sent on resume).
+        logger.warning("could not deliver %s to %s in-process", what, channel, exc_info=True)

@@ -24,6 +24,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from broker.protocol import ErrorCode, ProtocolError
+from broker.sql import Runner
 
 from . import sql
 from .models import EmailOutbox, Message, Subscription, Topic
@@ -122,14 +123,15 @@ def publish(name: str, data: str) -> Published:
     """
     now = timezone.now()
     with transaction.atomic():
-        counted = sql.next_seq(name)
+        run = Runner()
+        counted = sql.next_seq(run, name)
         if counted is None:
             raise UnknownTopic(name)
         topic_id, seq = counted
-        message_id = sql.insert_message(topic_id, seq, data, now)
+        message_id = sql.insert_message(run, topic_id, seq, data, now)
         rows = EmailOutbox.objects.bulk_create(
             EmailOutbox(message_id=message_id, subscription_id=pk, address=address, next_try_at=now)
-            for pk, address in sql.email_recipients(topic_id)
+            for pk, address in sql.email_recipients(run, topic_id)
         )
     return Published(topic_id=topic_id, topic=name, seq=seq, data=data, emails=len(rows))
 

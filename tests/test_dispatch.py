@@ -714,7 +714,7 @@ def test_one_client_id_submitting_one_message_id_from_many_threads_at_once_creat
 
 
 def test_submit_does_not_mistake_another_integrity_error_for_a_repeat(process_id, monkeypatch):
-    def broken_assign(now):
+    def broken_assign(now, statements=None):
         raise IntegrityError("some other constraint")
 
     monkeypatch.setattr(dispatch, "_assign", broken_assign)

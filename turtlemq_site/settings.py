@@ -211,6 +211,10 @@ TURTLEMQ_DEFAULT_LEASE = env_float("TURTLEMQ_DEFAULT_LEASE", 3600.0)
 # On SIGTERM, how long a broker process waits for its connections to close
 # after it handed back their work, before it drops the rest and exits.
 TURTLEMQ_SHUTDOWN_GRACE = env_float("TURTLEMQ_SHUTDOWN_GRACE", 5.0)
+# SQLite only: run batches of task operations on the event loop, on a
+# connection of its own, instead of handing each to the database thread
+# (broker.embedded). Off: every batch takes the thread, as on PostgreSQL.
+TURTLEMQ_SQLITE_ON_LOOP = env_bool("TURTLEMQ_SQLITE_ON_LOOP", True)
 
 # --- Access control and limits (broker.access, broker.ratelimit) -------------
 

@@ -1,0 +1,114 @@
+"""The embedded database on the event loop: SQLite batches of the group commit without a thread hop.
+
+With SQLite (the embedded default) a batch of task operations is a few
+statements on a local file that take less time than handing them to another
+thread and back. Worse, a batch run in Django's database thread competes for
+the GIL with the event loop: every SQLite call releases the GIL and must win it
+back from a busy loop. So each event loop keeps one SQLite connection of its
+own (:class:`LoopConnection`) and runs the batches whose operations need
+nothing but the hand-written statements of ``broker.sql`` right there, in one
+``BEGIN IMMEDIATE`` ... ``COMMIT``. The guarantee is unchanged: the batch is
+committed before anything of it is announced.
+
+Django's connections (the database thread: registrations, housekeeping,
+topics, the admin) write to the same file. The loop never waits for them:
+its connection has no busy timeout, so when another connection holds the
+write lock, ``BEGIN IMMEDIATE`` fails at once with :class:`Busy` and the batch
+takes the database thread instead, which waits its turn. A batch that fails
+for any other reason is rolled back whole and goes the same way, where
+Django's error handling (each operation again on its own) applies.
+
+Off for an in-memory database (tests), and with ``TURTLEMQ_SQLITE_ON_LOOP=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.signals import connection_created
+from django.db.utils import DatabaseErrorWrapper
+
+
+class Busy(Exception):
+    """Another connection holds SQLite's write lock: the batch must wait for it elsewhere."""
+
+
+class LoopConnection:
+    """One event loop's own SQLite connection, in autocommit mode between batches.
+
+    It offers what ``broker.sql`` uses of a Django connection: a driver
+    cursor, execute wrappers (receivers of Django's ``connection_created``
+    signal may add theirs, as for any connection), error translation into
+    ``django.db`` exceptions, and datetime adaptation.
+    """
+
+    vendor = "sqlite"
+    Database = sqlite3.dbapi2  # the PEP 249 module, for DatabaseErrorWrapper
+    queries_logged = False
+
+    def __init__(self, path: str) -> None:
+        self.errors_occurred = False
+        self.execute_wrappers: list[Callable[..., Any]] = []
+        self.wrap_database_errors = DatabaseErrorWrapper(self)
+        self.ops = connections[DEFAULT_DB_ALIAS].ops  # adapt_datetimefield_value: pure conversions
+        # timeout=0: never wait for the write lock on the event loop (see Busy).
+        self.connection = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")
+        self.cursor = self.connection.cursor()
+        connection_created.send(sender=type(self), connection=self)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; :class:`Busy` (having changed nothing) when the file is locked."""
+        try:
+            self.cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise Busy(str(exc)) from exc
+            with self.wrap_database_errors:
+                raise
+        try:
+            yield
+        except BaseException:
+            self.connection.rollback()
+            raise
+        with self.wrap_database_errors:
+            try:
+                self.cursor.execute("COMMIT")
+            except BaseException:
+                self.connection.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: an error inside it undoes only what it did."""
+        self.cursor.execute("SAVEPOINT turtlemq")
+        try:
+            yield
+        except BaseException:
+            self.cursor.execute("ROLLBACK TO SAVEPOINT turtlemq")
+            self.cursor.execute("RELEASE SAVEPOINT turtlemq")
+            raise
+        self.cursor.execute("RELEASE SAVEPOINT turtlemq")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def wanted() -> bool:
+    """Whether task batches should run on the event loop: a SQLite file, and the setting on."""
+    if not settings.TURTLEMQ_SQLITE_ON_LOOP:
+        return False
+    db = connections[DEFAULT_DB_ALIAS]
+    return db.vendor == "sqlite" and not db.is_in_memory_db()
+
+
+def open_for_loop() -> LoopConnection:
+    """A connection of the running event loop's own to the default database (see :func:`wanted`)."""
+    return LoopConnection(str(connections[DEFAULT_DB_ALIAS].settings_dict["NAME"]))
