@@ -187,7 +187,10 @@ class Task(models.Model):
     data = models.TextField()
     result = models.TextField(null=True, blank=True)
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
-    worker = models.ForeignKey(Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
+    # No index of its own: task_worker_idx starts with it.
+    worker = models.ForeignKey(
+        Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
+    )
     attempts = models.PositiveIntegerField(default=0, help_text="How often the task was handed to a worker.")
     failures = models.PositiveIntegerField(default=0, help_text="How often a worker reported it failed.")
     max_attempts = models.PositiveIntegerField()
@@ -203,10 +206,17 @@ class Task(models.Model):
     objects = TaskQuerySet.as_manager()
 
     class Meta:
+        # Each change of state rewrites the task's entries in the indexes with
+        # ``state``, so they are few: the queue (oldest first), what a worker
+        # holds, and a client's tasks, for tasks with a clientId only. The
+        # statements compare ``state`` with a parameter, which SQLite cannot
+        # match against a partial index's condition: these two stay whole.
         indexes = [
             models.Index(fields=["state", "id"], name="task_queue_idx"),
             models.Index(fields=["worker", "state"], name="task_worker_idx"),
-            models.Index(fields=["client_id", "state"], name="task_client_idx"),
+            models.Index(
+                fields=["client_id", "state"], condition=Q(client_id__isnull=False), name="task_client_state_idx"
+            ),
             models.Index(fields=["message_id"], name="task_message_id_idx"),
         ]
         constraints = [

@@ -16,6 +16,7 @@ from django.db import connection
 from django.db.backends.signals import connection_created
 from django.test.utils import CaptureQueriesContext
 
+from broker import dispatch
 from subscriptions import topics
 from turtlemq_site.asgi import application
 
@@ -115,3 +116,41 @@ def test_publishing_a_message_with_no_email_subscriber_costs_three_statements():
     statements = [s for s in statements if s not in ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
     assert statements == ["UPDATE", "INSERT", "SELECT"]
     assert (published.seq, published.emails) == (1, 0)
+
+
+class QueryPlans:
+    """An execute wrapper that records SQLite's plan of every statement on the task table before running it."""
+
+    def __init__(self) -> None:
+        self.plans: list[tuple[str, list[str]]] = []
+
+    def __call__(self, execute, sql, params, many, context):
+        if "broker_task" in sql and sql.split()[0].upper() in ("SELECT", "UPDATE", "DELETE", "WITH"):
+            plan = context["cursor"].execute("EXPLAIN QUERY PLAN " + sql.replace("%s", "?"), params).fetchall()
+            self.plans.append((sql, [row[-1] for row in plan]))
+        return execute(sql, params, many, context)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="PostgreSQL plans by its statistics, not by the schema alone")
+def test_the_statements_of_a_task_and_of_housekeeping_read_the_task_table_through_an_index():
+    """A statement that scans the task table costs more with every task ever run: none on the hot path may."""
+    process_id, _ = dispatch.register_process("plans", 1)
+    worker_id = dispatch.register_worker(process_id, "worker.plans", 2).connection_id
+    plans = QueryPlans()
+    with connection.execute_wrapper(plans):
+        (first,) = dispatch.submit_task("client.plans", "app", "m1", "one").assignments
+        (second,) = dispatch.submit_task("client.plans", None, "m2", "two", timeout=30).assignments
+        dispatch.submit_task("client.plans", None, "m3", "three")
+        dispatch.complete_task(worker_id, first.task_id, "ONE")
+        dispatch.fail_task(worker_id, second.task_id, "broken")
+        with pytest.raises(dispatch.UnknownTask):
+            dispatch.complete_task(worker_id, "424242", "nobody asked")
+        dispatch.mark_delivered([int(first.task_id)])
+        dispatch.housekeep(process_id)
+        dispatch.broker_status()
+        dispatch.register_client(process_id, "client.again", "app")
+        dispatch.release_connection(worker_id)
+
+    assert len(plans.plans) > 10
+    scans = [(sql, plan) for sql, plan in plans.plans if any(step.startswith("SCAN broker_task") for step in plan)]
+    assert scans == []
