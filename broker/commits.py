@@ -55,6 +55,13 @@ Outcomes = tuple[list[Error | None], dispatch.Effects]
 Settled = asyncio.Future[None] | Callable[[BaseException | None], None]
 Waiting = tuple[dispatch.Operation, Settled]
 
+# Rounds of the event loop a batch on the loop lets go by before it starts. A
+# frame takes about three to become an operation (the server reads it, wakes
+# the connection's task, which handles it), and each batch costs a commit:
+# measured (W1, W2 of turtlemq bench), one round gave batches of 1-2
+# operations, three gave 3-6 and about 25% more tasks per second.
+GATHER_ROUNDS = 3
+
 
 def _run_batch_in_thread(operations: Sequence[dispatch.Operation]) -> Outcomes:
     # What database_sync_to_async does around every call, for the one connection batches use.
@@ -131,8 +138,9 @@ class GroupCommit:
         while True:
             if self._on_loop:
                 # A batch on the loop runs as soon as it starts: first let the
-                # frames that arrived meanwhile join it.
-                await asyncio.sleep(0)
+                # frames that arrived meanwhile join it (see GATHER_ROUNDS).
+                for _ in range(GATHER_ROUNDS):
+                    await asyncio.sleep(0)
             running = self._start_batch()
             if committed is not None:
                 await self._announce(*committed)
