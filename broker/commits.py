@@ -95,6 +95,8 @@ class GroupCommit:
         self._drainer: asyncio.Task[None] | None = None
         self._on_loop: bool | None = None  # whether batches may run on the loop; known at the first batch
         self._loop_connection: embedded.LoopConnection | None = None
+        self._since_checkpoint = 0  # batches committed on the loop since the last checkpoint began
+        self._checkpoint: asyncio.Future[None] | None = None
 
     def submit(self, operation: dispatch.Operation) -> asyncio.Future[None]:
         """Queue ``operation`` for the next batch; the future is done once its effects were announced.
@@ -186,9 +188,24 @@ class GroupCommit:
             # Rolled back whole; in the thread each operation is tried again on its own.
             logger.warning("a batch of %s operations failed on the event loop", len(operations), exc_info=True)
             return None
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= embedded.CHECKPOINT_EVERY and self._checkpoint is None:
+            self._start_checkpoint()
         done: asyncio.Future[Outcomes] = asyncio.get_running_loop().create_future()
         done.set_result(outcomes)
         return done
+
+    def _start_checkpoint(self) -> None:
+        """Have the database thread checkpoint the log the loop's batches write (see ``broker.embedded``)."""
+        self._since_checkpoint = 0
+        loop = asyncio.get_running_loop()
+        self._checkpoint = loop.run_in_executor(SyncToAsync.single_thread_executor, embedded.checkpoint)
+        self._checkpoint.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, checkpoint: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not checkpoint.cancelled() and checkpoint.exception() is not None:
+            logger.warning("could not checkpoint the database: %r", checkpoint.exception())
 
     async def _announce(self, batch: list[Waiting], outcomes: Outcomes) -> None:
         """Ring a committed batch's effects, then tell each caller how its operation went."""

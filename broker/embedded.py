@@ -18,6 +18,12 @@ takes the database thread instead, which waits its turn. A batch that fails
 for any other reason is rolled back whole and goes the same way, where
 Django's error handling (each operation again on its own) applies.
 
+Checkpoints (copying the write-ahead log back into the database file, with
+two fsyncs) would stall the loop for milliseconds: its connection never makes
+one itself. The group commit asks the database thread for one every
+``CHECKPOINT_EVERY`` batches instead (:func:`checkpoint`); it runs beside the
+loop with the GIL released, and the loop's batches take the thread meanwhile.
+
 Off for an in-memory database (tests), and with ``TURTLEMQ_SQLITE_ON_LOOP=0``.
 """
 
@@ -60,6 +66,7 @@ class LoopConnection:
         self.connection = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA synchronous=NORMAL")
+        self.connection.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
         self.cursor = self.connection.cursor()
         connection_created.send(sender=type(self), connection=self)
 
@@ -99,6 +106,23 @@ class LoopConnection:
 
     def close(self) -> None:
         self.connection.close()
+
+
+# Batches on the loop between two checkpoints: a few thousand pages of log.
+CHECKPOINT_EVERY = 500
+
+
+def checkpoint() -> None:
+    """Copy the write-ahead log into the database file and start it afresh; for the database thread.
+
+    RESTART waits (with the connection's busy timeout) for the writer of the
+    moment to finish, and holds the write lock while it copies, so that the
+    next transaction starts the log from the beginning: under a steady stream
+    of batches a passive checkpoint would never catch up, and the log would grow
+    without end.
+    """
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute("PRAGMA wal_checkpoint(RESTART)")
 
 
 def wanted() -> bool:

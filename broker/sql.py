@@ -44,6 +44,7 @@ WORKER = Connection.Role.WORKER.value
 
 TaskRow = tuple[int, str, float | None]  # id, data, timeout
 
+SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 # Ids per ``IN (...)`` list: far below any database's limit on parameters.
 IDS_PER_STATEMENT = 500
 
@@ -76,14 +77,14 @@ class Runner:
         self._loop_connection = loop_connection
         self.sqlite = db.vendor == "sqlite"
         # On PostgreSQL, rows that another broker process has locked are skipped, not waited for.
-        self.skip_locked = "" if self.sqlite else " FOR UPDATE SKIP LOCKED"
+        self.skip_locked = "" if self.sqlite else SKIP_LOCKED
         self._wrappers = tuple(reversed(db.execute_wrappers))
         if loop_connection is not None:
             self._cursor = loop_connection.cursor
         else:
             self._cursor = None if db.queries_logged else db.connection.cursor()
         self._errors = db.wrap_database_errors
-        self._time: tuple[datetime | None, Any] = (None, None)
+        self._times: dict[datetime, Any] = {}
 
     def savepoint(self) -> contextlib.AbstractContextManager[None]:
         """A nested transaction: an error inside it undoes only what it did (on PostgreSQL, not the batch)."""
@@ -94,15 +95,15 @@ class Runner:
     def time(self, value: datetime | None) -> Any:
         """A datetime as the database driver takes it (SQLite stores naive UTC text).
 
-        Remembered: a batch passes the same ``now`` to most of its statements,
-        and the conversion (time zone arithmetic, formatting) cost more than the SQL.
+        Remembered: a batch passes the same few datetimes (its ``now``, the
+        default lease) to most of its statements, and the conversion (time
+        zone arithmetic, formatting) cost more than the SQL.
         """
         if value is None:
             return None
-        remembered, adapted = self._time
-        if value is not remembered:
-            adapted = self._db.ops.adapt_datetimefield_value(value)
-            self._time = (value, adapted)
+        adapted = self._times.get(value)
+        if adapted is None:
+            adapted = self._times[value] = self._db.ops.adapt_datetimefield_value(value)
         return adapted
 
     def _execute(self, sql: str, params: Sequence[Any]) -> Any:
@@ -180,14 +181,19 @@ _GIVE_BACK_SLOTS = (
 )
 
 
+# The statements that lock candidate rows, without and with SKIP LOCKED.
+_LOCKING = {
+    skip_locked: (_CLAIM_DUE.format(skip_locked=skip_locked), _FREE_WORKERS + skip_locked, _DUE_TASKS + skip_locked)
+    for skip_locked in ("", SKIP_LOCKED)
+}
+
+
 class Statements(Runner):
     """The statements of the task path, for one transaction."""
 
     def __init__(self, loop_connection: LoopConnection | None = None) -> None:
         super().__init__(loop_connection)
-        self._claim_due = _CLAIM_DUE.format(skip_locked=self.skip_locked)
-        self._free_workers = _FREE_WORKERS + self.skip_locked
-        self._due_tasks = _DUE_TASKS + self.skip_locked
+        self._claim_due, self._free_workers, self._due_tasks = _LOCKING[self.skip_locked]
 
     def insert_task(
         self, message_id: str, client_id: str | None, reply_channel: str, data: str, timeout: float | None,
