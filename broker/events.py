@@ -18,7 +18,7 @@ from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, get_channel_layer
 
-from . import local
+from . import inbox, local
 from .dispatch import Assignment, Effects, Outcome
 
 logger = logging.getLogger("turtlemq.broker")
@@ -57,30 +57,45 @@ def outcome_event(outcome: Outcome) -> TaskOutcomeEvent:
 
 
 async def ring(effects: Effects, layer: BaseChannelLayer | None = None, in_process: bool = True) -> None:
-    """Announce committed effects: in-process to a connection of this process, else over the channel layer.
+    """Announce committed effects: in-process to a connection of this process, else to the process that has it.
 
+    Events for other processes take their inboxes on channels-redis (one
+    message per process, ``broker.inbox``), layer messages on other layers.
     ``in_process=False`` for callers outside the broker's event loop (whose
     connections they must not write to): everything takes the layer.
     """
     if not effects:
         return
+    remote: list[tuple[str, dict]] = []
     for assignment in effects.assignments:
         peer = local.peer(assignment.worker_channel) if in_process else None
         if peer is not None:
             await local.deliver(assignment.worker_channel, peer.send_assignment(assignment), "a task")
         else:
-            await _send(layer, assignment.worker_channel, dict(assign_event(assignment)))
+            remote.append((assignment.worker_channel, dict(assign_event(assignment))))
     for outcome in effects.outcomes:
         peer = local.peer(outcome.reply_channel) if in_process else None
         if peer is not None:
             await local.deliver(outcome.reply_channel, peer.send_outcome(outcome), "an outcome")
         else:
-            await _send(layer, outcome.reply_channel, dict(outcome_event(outcome)))
+            remote.append((outcome.reply_channel, dict(outcome_event(outcome))))
+    if not remote:
+        return
+    layer = layer or get_channel_layer()
+    if in_process and inbox.supported(layer):
+        try:
+            remote = await inbox.post(layer, remote)
+        except Exception:
+            # A doorbell, not the truth (see broker.inbox).
+            logger.exception("could not post %s task events to other processes' inboxes", len(remote))
+            return
+    for channel, event in remote:
+        await _send(layer, channel, event)
 
 
-async def _send(layer: BaseChannelLayer | None, channel: str, event: dict) -> None:
+async def _send(layer: BaseChannelLayer, channel: str, event: dict) -> None:
     try:
-        await (layer or get_channel_layer()).send(channel, event)
+        await layer.send(channel, event)
     except ChannelFull:
         # The database still holds the task; it is re-sent on resume or re-dispatch.
         logger.warning("channel %s is full; dropped %s for task %s", channel, event["type"], event["task_id"])

@@ -25,11 +25,12 @@ import logging
 import os
 
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from subscriptions.fanout import stop_process_fanout
 
-from . import dispatch, events
+from . import dispatch, events, inbox
 
 logger = logging.getLogger("turtlemq.broker")
 
@@ -73,6 +74,9 @@ class BrokerNode:
 
     async def _start(self) -> None:
         await self._register()
+        layer = get_channel_layer()
+        if inbox.supported(layer):
+            await inbox.start(layer)  # task events from the other processes
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep_forever())
 
     async def _register(self) -> None:
@@ -126,6 +130,7 @@ class BrokerNode:
             if self.process_id is not None:
                 await self._leave(self.process_id)
                 logger.info("broker process #%s stopped", self.process_id)
+        await inbox.stop()
         # Also when only subscribers were served (the node starts with the first client or worker).
         await stop_process_fanout()  # its reader ends, its process channel leaves the topics' groups
         self.process_id = None

@@ -37,7 +37,7 @@ contention from the connections' receives.
 Ending the reader
 -----------------
 The reader still has to end when asked, and one cancellation is not always
-enough: on Python 3.11 redis-py can swallow one (see :func:`_end`), after which
+enough: on Python 3.11 redis-py can swallow one (see :func:`broker.aio.end_task`), after which
 channels-redis waits in BZPOPMIN for as long as the channel stays empty, and a
 closing loop would wait with it. Hence two tasks per process:
 
@@ -93,6 +93,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from channels.layers import InMemoryChannelLayer
 
+from broker.aio import cancelling as _cancelled
+from broker.aio import end_task as _end
 from broker.protocol import encode
 
 from . import protocol
@@ -107,8 +109,6 @@ logger = logging.getLogger("turtlemq.subscriptions")
 READ_RETRY_SECONDS = 1.0
 # The process channel renews its group memberships this often, as a share of the layer's group_expiry.
 REFRESH_SHARE = 0.25
-# A task told to stop that still runs after this long is cancelled again (see ``_end``).
-CANCEL_AGAIN_SECONDS = 0.25
 # When the node stops, leaving the groups may take this long (Redis may be away) before it gives up.
 LEAVE_TIMEOUT_SECONDS = 2.0
 
@@ -250,7 +250,7 @@ class ProcessFanout:
                     # also joins again on its own once it sees Redis fail.
                     logger.exception("could not renew the topic groups; retrying in %g s", self.refresh_seconds)
                 if _cancelled():
-                    raise asyncio.CancelledError  # a cancellation redis-py swallowed (see _end)
+                    raise asyncio.CancelledError  # a cancellation redis-py swallowed (see broker.aio.end_task)
         finally:
             await _end(reader)
 
@@ -277,7 +277,7 @@ class ProcessFanout:
                 await asyncio.sleep(READ_RETRY_SECONDS)
                 continue
             if _cancelled():
-                raise asyncio.CancelledError  # a cancellation redis-py swallowed (see _end): deliver no more
+                raise asyncio.CancelledError  # a swallowed cancellation (see broker.aio.end_task): deliver no more
             if failing:
                 logger.info("this process's topic channel is readable again")
                 failing = False
@@ -329,40 +329,6 @@ class ProcessFanout:
                 # The process is going: its memberships expire after group_expiry,
                 # and what reaches them meanwhile goes nowhere and expires too.
                 logger.warning("could not leave the topic groups of this process's channel", exc_info=True)
-
-
-async def _end(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` (unless it is being cancelled already) and wait until it has ended.
-
-    One cancellation is not always enough: on Python 3.11, ``asyncio.wait_for``
-    returns the result instead of raising when the cancellation arrives just as
-    the operation it waits for completes, and redis-py sends every command
-    through it (with ``socket_timeout`` set). The task, still "cancelling", then
-    goes on into BZPOPMIN, which channels-redis repeats for as long as the
-    channel stays empty, and a closing event loop would wait for it forever. So
-    a task that still runs ``CANCEL_AGAIN_SECONDS`` after its cancellation is
-    cancelled again, until it ends.
-    """
-    interrupted = False
-    if not task.cancelling():
-        task.cancel()
-    while not task.done():
-        try:
-            await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
-        except asyncio.CancelledError:
-            interrupted = True  # we are being cancelled too: first see ``task`` end
-        if not task.done():
-            task.cancel()
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("%s failed", task.get_name(), exc_info=task.exception())
-    if interrupted:
-        raise asyncio.CancelledError
-
-
-def _cancelled() -> bool:
-    """Whether the running task is being cancelled (whatever exception that surfaced as)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 _fanouts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, ProcessFanout]] = weakref.WeakKeyDictionary()

@@ -386,7 +386,7 @@ async def test_stop_ends_the_reader_leaves_every_group_and_releases_the_layer(la
 
 
 async def test_stop_ends_a_reader_that_swallowed_its_first_cancellation(layer):
-    """What redis-py does on Python 3.11 when the cancellation meets a command's send (see ``fanout._end``)."""
+    """What redis-py does on Python 3.11 when the cancellation meets a command's send (see ``broker.aio.end_task``)."""
     fanout = ProcessFanout(layer)
     receive = fanout.channel_layer.receive
     swallowed = asyncio.Event()
