@@ -356,11 +356,16 @@ def _release(connection_ids: list[int], now: datetime) -> int:
 class Batch:
     """The operations run in one transaction, and what they add up to.
 
-    Operations run in order, each seeing the changes of those before it. What
-    is better done once for all of them waits for :meth:`finish`: one
-    assignment round if tasks or workers became available, then the slots
-    that completions and failures freed are refilled from the queue (or given
-    back), and the outcomes sent are marked delivered in one statement.
+    Operations run in order, each seeing the changes of those before it. Two
+    kinds are gathered rather than run one by one, since nothing but the end
+    of the batch looks at what they write: new tasks without a ``clientId``
+    (one INSERT for all of them) and completions (one UPDATE): they are
+    written (:meth:`flush`) before any other kind of operation runs, and at
+    the end. What is better done once for all operations then waits for
+    :meth:`finish`: one assignment round if tasks or workers became available,
+    then the slots that completions and failures freed are refilled from the
+    queue (one statement) or given back, and the outcomes sent are marked
+    delivered (one statement).
     """
 
     def __init__(self, now: datetime, statements: sql.Statements) -> None:
@@ -370,12 +375,50 @@ class Batch:
         self.freed: dict[int, tuple[str, int]] = {}  # worker id -> (its channel, slots freed in this batch)
         self.delivered: list[int] = []
         self.assign_round = False
+        self.position = 0  # of the operation being applied, in the batch
+        self.errors: dict[int, ProtocolError] = {}  # by position: operations refused after they were gathered
+        self._inserts: list[Submit] = []
+        self._completions: list[tuple[int, Complete]] = []
 
     def free_slot(self, worker_id: int, worker_channel: str) -> None:
         _, count = self.freed.get(worker_id, (worker_channel, 0))
         self.freed[worker_id] = (worker_channel, count + 1)
 
+    def gather_insert(self, submit: Submit) -> None:
+        self._inserts.append(submit)
+
+    def gather_completion(self, complete: Complete) -> None:
+        self._completions.append((self.position, complete))
+
+    def flush(self) -> None:
+        """Write the gathered inserts and completions (before an operation that might see them)."""
+        if self._inserts:
+            inserts, self._inserts = self._inserts, []
+            self.sql.insert_tasks([submit.row() for submit in inserts], self.now)
+        if self._completions:
+            self._complete()
+
+    def _complete(self) -> None:
+        """Complete the gathered tasks in one statement; refuse those the worker did not hold (in order)."""
+        gathered, self._completions = self._completions, []
+        first: dict[tuple[int, int], tuple[int, Complete]] = {}  # (task, worker) -> its first completion here
+        for position, complete in gathered:
+            first.setdefault((int(complete.task_id), complete.worker_id), (position, complete))
+        done = self.sql.complete_held_many(
+            [(task_id, worker_id, complete.result) for (task_id, worker_id), (_, complete) in first.items()], self.now
+        )
+        for position, complete in gathered:
+            key = (int(complete.task_id), complete.worker_id)
+            if first[key][0] != position or key not in done:
+                held = [(str(pk), data) for pk, data in self.sql.held(complete.worker_id)]
+                self.errors[position] = UnknownTask(complete.task_id, held)
+                continue
+            reply_channel, message_id = done[key]
+            self.effects.outcomes.append(Outcome(reply_channel, key[0], message_id, True, complete.result))
+            self.free_slot(complete.worker_id, complete.worker_channel)
+
     def finish(self) -> None:
+        self.flush()
         # Idle workers first: they have waited longer than those that freed a slot just now.
         if self.assign_round:
             self.effects.assignments.extend(_assign(self.now, self.sql))
@@ -390,18 +433,18 @@ class Batch:
         Any due task left after the batch's assignment round would have gone to
         a worker idle for longer, had there been one, so the workers that free
         up are the right ones to take them, and their slots stay taken, which
-        saves updating their rows.
+        saves updating their rows. One statement deals the oldest tasks out
+        to them in the order they freed up.
         """
-        default_lease = lease_until(None, self.now)
-        queue_empty = False
+        slots = [(worker_id, count) for worker_id, (_, count) in self.freed.items()]
+        claimed = self.sql.claim_due_for(slots, lease_until(None, self.now), self.now)
         for worker_id, (channel, count) in self.freed.items():
-            tasks = [] if queue_empty else self.sql.claim_due(worker_id, count, default_lease, self.now)
+            tasks = claimed.get(worker_id, [])
             for pk, data, timeout in tasks:
                 if timeout is not None:
                     self.sql.set_lease(pk, lease_until(timeout, self.now))
                 self.effects.assignments.append(Assignment(channel, str(pk), data))
             if len(tasks) < count:
-                queue_empty = True
                 self.sql.give_back_slots(worker_id, count - len(tasks), self.now)
 
 
@@ -416,6 +459,10 @@ class Operation:
     # the event loop's own SQLite connection (``broker.embedded``); else its
     # batch takes Django's connection in the database thread.
     on_loop: ClassVar[bool] = False
+
+    def gathered(self) -> bool:
+        """Whether its statement waits for the batch's :meth:`Batch.flush` (nothing runs before that reads it)."""
+        return False
 
     def apply(self, batch: Batch) -> None:
         raise NotImplementedError
@@ -442,12 +489,15 @@ class Submit(Operation):
     unanswered: int = 0
     on_loop: ClassVar[bool] = True
 
+    def gathered(self) -> bool:
+        return self.client_id is None  # a clientId's tasks are looked up first, one submit at a time
+
     def apply(self, batch: Batch) -> None:
         limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
         if self.client_id is None:
             if limit and self.unanswered >= limit:
                 raise InFlightLimit(limit)
-            self._insert(batch)
+            batch.gather_insert(self)
         else:
             replay = self._insert_for_client(batch, self.client_id, limit)
             if replay is not None:
@@ -455,11 +505,13 @@ class Submit(Operation):
                 return
         batch.assign_round = True
 
-    def _insert(self, batch: Batch) -> None:
+    def row(self) -> sql.NewTask:
+        """The new task's columns for :meth:`sql.Statements.insert_tasks`."""
         max_attempts = self.max_attempts or settings.TURTLEMQ_MAX_ATTEMPTS
-        batch.sql.insert_task(
-            self.message_id, self.client_id, self.reply_channel, self.data, self.timeout, max_attempts, batch.now
-        )
+        return (self.message_id, self.client_id, self.reply_channel, self.data, self.timeout, max_attempts)
+
+    def _insert(self, batch: Batch) -> None:
+        batch.sql.insert_tasks([self.row()], batch.now)
 
     def _insert_for_client(self, batch: Batch, client_id: str, limit: int) -> Effects | None:
         """Insert unless ``messageId`` repeats; what a repeat owes the client, else None."""
@@ -505,15 +557,13 @@ class Complete(Operation):
     result: str
     on_loop: ClassVar[bool] = True
 
+    def gathered(self) -> bool:
+        return True
+
     def apply(self, batch: Batch) -> None:
-        row = None
-        if _is_task_id(self.task_id):
-            row = batch.sql.complete_held(self.worker_id, int(self.task_id), self.result, batch.now)
-        if row is None:
+        if not _is_task_id(self.task_id):
             raise UnknownTask(self.task_id, [(str(pk), data) for pk, data in batch.sql.held(self.worker_id)])
-        reply_channel, message_id = row
-        batch.effects.outcomes.append(Outcome(reply_channel, int(self.task_id), message_id, True, self.result))
-        batch.free_slot(self.worker_id, self.worker_channel)
+        batch.gather_completion(self)  # completed (or refused, in Batch.errors) at the next flush
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +607,9 @@ class MarkDelivered(Operation):
 
     task_ids: list[int]
     on_loop: ClassVar[bool] = True
+
+    def gathered(self) -> bool:
+        return True  # recorded in Batch.finish
 
     def apply(self, batch: Batch) -> None:
         batch.delivered.extend(self.task_ids)
@@ -615,17 +668,18 @@ def run_batch_on_loop(
 def _run_together(
     operations: Sequence[Operation], loop_connection: LoopConnection | None = None
 ) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
-    errors: list[ProtocolError | DatabaseError | None] = []
     with transaction.atomic() if loop_connection is None else loop_connection.transaction():
         batch = Batch(timezone.now(), sql.Statements(loop_connection))
-        for operation in operations:
+        for position, operation in enumerate(operations):
+            batch.position = position
+            if not operation.gathered():
+                batch.flush()  # it may read what those before it wrote
             try:
                 operation.apply(batch)
             except ProtocolError as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
+                batch.errors[position] = exc
         batch.finish()
+    errors: list[ProtocolError | DatabaseError | None] = [batch.errors.get(i) for i in range(len(operations))]
     return errors, batch.effects
 
 

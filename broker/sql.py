@@ -48,10 +48,13 @@ UNFINISHED = tuple(state.value for state in Task.UNFINISHED_STATES)
 WORKER = Connection.Role.WORKER.value
 
 TaskRow = tuple[int, str, float | None]  # id, data, timeout
+# message_id, client_id, reply_channel, data, timeout, max_attempts
+NewTask = tuple[str, str | None, str, str, float | None, int]
 
 SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
-# Ids per ``IN (...)`` list: far below any database's limit on parameters.
+# Ids per ``IN (...)`` list, rows per VALUES list: far below any database's limit on parameters.
 IDS_PER_STATEMENT = 500
+ROWS_PER_STATEMENT = 100
 
 
 @functools.lru_cache(maxsize=512)
@@ -149,18 +152,24 @@ class Runner:
         return self._execute(sql, params).rowcount
 
 
-_INSERT_TASK = (
+# Statements for several rows at once have ``{rows}`` where the VALUES rows go
+# (see _with_rows); VALUES lists name their columns column1, column2, ... on
+# SQLite and PostgreSQL alike.
+_INSERT_TASKS = (
     f"INSERT INTO {TASK} (message_id, client_id, reply_channel, data, state, attempts, failures, max_attempts,"
-    " timeout, last_error, created_at) VALUES (%s, %s, %s, %s, %s, 0, 0, %s, %s, '', %s)"
+    " timeout, last_error, created_at) VALUES {rows}"
 )
+_INSERT_ROW = "(%s, %s, %s, %s, %s, 0, 0, %s, %s, '', %s)"
 _CLIENT_TASK_COUNTS = (
     f"SELECT COALESCE(SUM(CASE WHEN message_id = %s THEN 1 ELSE 0 END), 0),"
     f" COALESCE(SUM(CASE WHEN state IN (%s, %s) THEN 1 ELSE 0 END), 0)"
     f" FROM {TASK} WHERE client_id = %s AND (message_id = %s OR state IN (%s, %s))"
 )
 _COMPLETE_HELD = (
-    f"UPDATE {TASK} SET state = %s, result = %s, finished_at = %s, lease_expires_at = NULL"
-    f" WHERE id = %s AND worker_id = %s AND state = %s RETURNING reply_channel, message_id"
+    f"UPDATE {TASK} SET state = %s, result = held.column3, finished_at = %s, lease_expires_at = NULL"
+    " FROM (VALUES {rows}) AS held"
+    f" WHERE {TASK}.id = held.column1 AND {TASK}.worker_id = held.column2 AND {TASK}.state = %s"
+    f" RETURNING {TASK}.id, {TASK}.worker_id, {TASK}.reply_channel, {TASK}.message_id"
 )
 _FREE_WORKERS = (
     f"SELECT id, channel_name, concurrency, in_flight FROM {CONNECTION}"
@@ -173,12 +182,18 @@ _DUE_TASKS = (
 )
 # The candidates in a MATERIALIZED CTE: computed once. As a plain subquery
 # PostgreSQL may run it again for each row, and with SKIP LOCKED each run can
-# find other rows, claiming more than asked for.
-_CLAIM_DUE = (
+# find other rows, claiming more than asked for. PostgreSQL refuses FOR UPDATE
+# beside a window function, hence the numbering in a CTE of its own. Each
+# worker takes the tasks numbered within its slots (lo to hi).
+_CLAIM_DUE_FOR = (
     f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE state = %s"
-    f" AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s{{skip_locked}})"
-    f" UPDATE {TASK} SET state = %s, worker_id = %s, assigned_at = %s, attempts = attempts + 1,"
-    f" lease_expires_at = %s WHERE state = %s AND id IN (SELECT id FROM due) RETURNING id, data, timeout"
+    " AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s{skip_locked}),"
+    " numbered AS (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM due),"
+    " slots (worker_id, lo, hi) AS (VALUES {rows})"
+    f" UPDATE {TASK} SET state = %s, worker_id = slots.worker_id, assigned_at = %s, attempts = attempts + 1,"
+    " lease_expires_at = %s FROM numbered JOIN slots ON numbered.n BETWEEN slots.lo AND slots.hi"
+    f" WHERE {TASK}.id = numbered.id AND {TASK}.state = %s"
+    f" RETURNING {TASK}.id, {TASK}.worker_id, {TASK}.data, {TASK}.timeout"
 )
 _HELD = f"SELECT id, data FROM {TASK} WHERE worker_id = %s AND state = %s ORDER BY id"
 _TASK_OF_CLIENT = f"SELECT id, state, result FROM {TASK} WHERE client_id = %s AND message_id = %s"
@@ -195,9 +210,19 @@ _GIVE_BACK_SLOTS = (
 
 # The statements that lock candidate rows, without and with SKIP LOCKED.
 _LOCKING = {
-    skip_locked: (_CLAIM_DUE.format(skip_locked=skip_locked), _FREE_WORKERS + skip_locked, _DUE_TASKS + skip_locked)
+    skip_locked: (
+        _CLAIM_DUE_FOR.replace("{skip_locked}", skip_locked),
+        _FREE_WORKERS + skip_locked,
+        _DUE_TASKS + skip_locked,
+    )
     for skip_locked in ("", SKIP_LOCKED)
 }
+
+
+@functools.lru_cache(maxsize=256)
+def _with_rows(statement: str, row: str, count: int) -> str:
+    """``statement`` with ``{rows}`` replaced by ``count`` copies of the placeholders of ``row``."""
+    return statement.replace("{rows}", ", ".join([row] * count))
 
 
 class Statements(Runner):
@@ -205,17 +230,17 @@ class Statements(Runner):
 
     def __init__(self, loop_connection: LoopConnection | None = None) -> None:
         super().__init__(loop_connection)
-        self._claim_due, self._free_workers, self._due_tasks = _LOCKING[self.skip_locked]
+        self._claim_due_for, self._free_workers, self._due_tasks = _LOCKING[self.skip_locked]
 
-    def insert_task(
-        self, message_id: str, client_id: str | None, reply_channel: str, data: str, timeout: float | None,
-        max_attempts: int, now: datetime,
-    ) -> None:  # fmt: skip
-        """Store a new QUEUED task (the columns and defaults of ``Task``)."""
-        self.count(
-            _INSERT_TASK,
-            (message_id, client_id, reply_channel, data, QUEUED, max_attempts, timeout, self.time(now)),
-        )
+    def insert_tasks(self, tasks: list[NewTask], now: datetime) -> None:
+        """Store new QUEUED tasks (the columns and defaults of ``Task``), in order: one statement per hundred."""
+        at = self.time(now)
+        for start in range(0, len(tasks), ROWS_PER_STATEMENT):
+            chunk = tasks[start : start + ROWS_PER_STATEMENT]
+            params: list[Any] = []
+            for message_id, client_id, reply_channel, data, timeout, max_attempts in chunk:
+                params += (message_id, client_id, reply_channel, data, QUEUED, max_attempts, timeout, at)
+            self.count(_with_rows(_INSERT_TASKS, _INSERT_ROW, len(chunk)), params)
 
     def client_task_counts(self, client_id: str, message_id: str) -> tuple[int, int]:
         """For one ``clientId``: tasks with this ``messageId`` (0 or 1), and unfinished tasks.
@@ -226,14 +251,27 @@ class Statements(Runner):
         repeat, unfinished = rows[0]
         return int(repeat), int(unfinished)
 
-    def complete_held(self, worker_id: int, task_id: int, result: str, now: datetime) -> tuple[str, str] | None:
-        """Mark DONE the task ``worker_id`` holds under ``task_id``; its (reply_channel, message_id), or None.
+    def complete_held_many(
+        self, completions: list[tuple[int, int, str]], now: datetime
+    ) -> dict[tuple[int, int], tuple[str, str]]:
+        """Mark DONE each task (task id, worker id, result) that its worker holds: one statement per hundred.
 
-        Compare-and-set: a task that is not ASSIGNED to this worker (finished,
-        taken back, cancelled, someone else's) is left alone.
+        Compare-and-set: a task that is not ASSIGNED to that worker (finished,
+        taken back, cancelled, someone else's) is left alone. Returns
+        (reply_channel, message_id) by (task id, worker id) of those completed.
         """
-        rows = self.rows(_COMPLETE_HELD, (DONE, result, self.time(now), task_id, worker_id, ASSIGNED))
-        return rows[0] if rows else None
+        done: dict[tuple[int, int], tuple[str, str]] = {}
+        at = self.time(now)
+        for start in range(0, len(completions), ROWS_PER_STATEMENT):
+            chunk = completions[start : start + ROWS_PER_STATEMENT]
+            params: list[Any] = [DONE, at]
+            for completion in chunk:
+                params += completion
+            params.append(ASSIGNED)
+            statement = _with_rows(_COMPLETE_HELD, "(%s, %s, %s)", len(chunk))
+            for pk, worker_id, reply_channel, message_id in self.rows(statement, params):
+                done[(pk, worker_id)] = (reply_channel, message_id)
+        return done
 
     def held(self, worker_id: int) -> list[tuple[int, str]]:
         """(id, data) of the tasks a worker holds, oldest first."""
@@ -255,18 +293,28 @@ class Statements(Runner):
         """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
         return self.rows(self._due_tasks, (QUEUED, self.time(now), limit))
 
-    def claim_due(self, worker_id: int, count: int, lease_expires_at: datetime | None, now: datetime) -> list[TaskRow]:
-        """Hand a worker whose slots are already counted the ``count`` oldest due tasks, in one statement.
+    def claim_due_for(
+        self, slots: list[tuple[int, int]], lease_expires_at: datetime | None, now: datetime
+    ) -> dict[int, list[TaskRow]]:
+        """Deal the oldest due tasks to workers whose slots are already counted: (worker id, slots), in order.
 
-        Returns (id, data, timeout) of those it got, oldest first; fewer than
-        ``count`` means no other due task is free to take. Tasks with a timeout
-        of their own need their lease set afterwards (:meth:`set_lease`).
+        One statement. Returns each worker's (id, data, timeout), oldest
+        first; fewer than its slots means no other due task is free to take.
+        Tasks with a timeout of their own need their lease set afterwards
+        (:meth:`set_lease`).
         """
         at = self.time(now)
-        rows = self.rows(
-            self._claim_due, (QUEUED, at, count, ASSIGNED, worker_id, at, self.time(lease_expires_at), QUEUED)
-        )
-        return sorted(rows)
+        ranges: list[Any] = []
+        hi = 0
+        for worker_id, count in slots:
+            ranges += (worker_id, hi + 1, hi + count)
+            hi += count
+        statement = _with_rows(self._claim_due_for, "(%s, %s, %s)", len(slots))
+        rows = self.rows(statement, (QUEUED, at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED))
+        claimed: dict[int, list[TaskRow]] = {}
+        for pk, worker_id, data, timeout in sorted(rows):
+            claimed.setdefault(worker_id, []).append((pk, data, timeout))
+        return claimed
 
     def set_lease(self, task_id: int, lease_expires_at: datetime | None) -> None:
         self.count(_SET_LEASE, (self.time(lease_expires_at), task_id))
