@@ -32,6 +32,7 @@ a topic already followed sends its content again but replays nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,15 +48,19 @@ from .names import matches
 if TYPE_CHECKING:
     from channels.layers import BaseChannelLayer
 
+logger = logging.getLogger("turtlemq.subscriptions")
+
 list_topic_names = database_sync_to_async(topics.list_topic_names)
 resolve_subscription = database_sync_to_async(topics.resolve_subscription)
 snapshot = database_sync_to_async(topics.snapshot)
 messages_after = database_sync_to_async(topics.messages_after)
 leave = database_sync_to_async(topics.leave)
-publish = database_sync_to_async(topics.publish)
+publish_many = database_sync_to_async(topics.publish_many)
 
 # Messages read per database call when replaying or filling a gap.
 CATCH_UP_BATCH = 500
+# PUBLISH frames of one connection stored together in one transaction, at most.
+PUBLISH_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -76,6 +81,8 @@ class TopicFramesMixin:
 
         async def send_frame(self, frame: Mapping[str, Any]) -> None: ...
 
+        async def send_error(self, exc: Any, obj: Mapping[str, Any]) -> None: ...
+
         async def send(
             self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
         ) -> None: ...
@@ -87,6 +94,9 @@ class TopicFramesMixin:
         self._topic_lock = asyncio.Lock()  # held while what we follow changes or a topic catches up
         self._topic_pending: list[TopicMessageEvent] = []  # live messages to settle under the lock, in arrival order
         self._settling: asyncio.Future[None] | None = None  # a task settling a gap (kept: the loop holds tasks weakly)
+        self._to_publish: list[tuple[protocol.Publish, Mapping[str, Any]]] = []  # PUBLISH frames not yet stored
+        self._publisher: asyncio.Future[None] | None = None  # the task storing them (see on_publish)
+        self._published_some: asyncio.Future[None] | None = None  # done when it took the next batch
 
     async def disconnect(self, code: int) -> None:
         async with self._topic_lock:
@@ -156,9 +166,47 @@ class TopicFramesMixin:
         await self.send_frame(protocol.unsubscribed_frame(frame.topic))
 
     async def on_publish(self, text: str, obj: Mapping[str, Any], frame: protocol.Publish) -> None:
-        published = await publish(frame.topic, frame.data)
-        await self.send_frame(protocol.published_frame(published.topic, published.seq))
-        await announce_message(published, self.channel_layer)
+        """Queue the message and go on reading frames: a burst of them is stored in few transactions.
+
+        A task of the connection stores what queued meanwhile (up to
+        ``PUBLISH_BATCH`` messages) in one transaction, then answers each with
+        PUBLISHED or its ERROR, in the order sent, and announces the messages.
+        While a full batch waits, the next PUBLISH waits too (and with it the
+        server's reading of this socket).
+        """
+        while len(self._to_publish) >= PUBLISH_BATCH:
+            if self._published_some is None:
+                self._published_some = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._published_some)
+        self._to_publish.append((frame, obj))
+        if self._publisher is None:
+            self._publisher = asyncio.ensure_future(self._publish_queued())
+
+    async def _publish_queued(self) -> None:
+        try:
+            while self._to_publish:
+                batch, self._to_publish = self._to_publish[:PUBLISH_BATCH], self._to_publish[PUBLISH_BATCH:]
+                if self._published_some is not None:
+                    self._published_some.set_result(None)
+                    self._published_some = None
+                results = await publish_many([(frame.topic, frame.data) for frame, _ in batch])
+                for (_, obj), result in zip(batch, results, strict=True):
+                    await self._answer_publish(result, obj)
+                for result in results:
+                    if not isinstance(result, topics.UnknownTopic):
+                        await announce_message(result, self.channel_layer)
+        finally:
+            self._publisher = None
+
+    async def _answer_publish(self, result: topics.Published | topics.UnknownTopic, obj: Mapping[str, Any]) -> None:
+        try:
+            if isinstance(result, topics.UnknownTopic):
+                await self.send_error(result, obj)
+            else:
+                await self.send_frame(protocol.published_frame(result.topic, result.seq))
+        except Exception:
+            # The connection closed meanwhile: the message is stored all the same and is announced below.
+            logger.debug("could not answer a PUBLISH on a closed connection", exc_info=True)
 
     # --- channel-layer events -----------------------------------------------------------
 

@@ -17,6 +17,7 @@ stream can always fill it from the database.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -121,19 +122,53 @@ def publish(name: str, data: str) -> Published:
     Raises :class:`UnknownTopic`. Never waits for SMTP: e-mails are outbox rows
     that ``send_notifications`` delivers.
     """
+    (published,) = publish_many([(name, data)])
+    if isinstance(published, UnknownTopic):
+        raise published
+    return published
+
+
+# Messages per INSERT statement.
+MESSAGES_PER_STATEMENT = 100
+
+
+def publish_many(messages: Sequence[tuple[str, str]]) -> list[Published | UnknownTopic]:
+    """Store several (topic name, data) messages in one transaction, each as :func:`publish` would.
+
+    For each, its :class:`Published` or the :class:`UnknownTopic` it was
+    refused with, in order. The messages of one topic are numbered in the
+    order given, with a few statements per topic: count the topic up by their
+    number, insert them, find the e-mail subscribers once.
+    """
     now = timezone.now()
+    results: list[Published | UnknownTopic | None] = [None] * len(messages)
+    positions: dict[str, list[int]] = {}
+    for position, (name, _) in enumerate(messages):
+        positions.setdefault(name, []).append(position)
     with transaction.atomic():
         run = Runner()
-        counted = sql.next_seq(run, name)
-        if counted is None:
-            raise UnknownTopic(name)
-        topic_id, seq = counted
-        message_id = sql.insert_message(run, topic_id, seq, data, now)
-        rows = EmailOutbox.objects.bulk_create(
-            EmailOutbox(message_id=message_id, subscription_id=pk, address=address, next_try_at=now)
-            for pk, address in sql.email_recipients(run, topic_id)
-        )
-    return Published(topic_id=topic_id, topic=name, seq=seq, data=data, emails=len(rows))
+        for name, mine in positions.items():
+            counted = sql.count_up(run, name, len(mine))
+            if counted is None:
+                for position in mine:
+                    results[position] = UnknownTopic(name)
+                continue
+            topic_id, last = counted
+            first = last - len(mine) + 1
+            ids: dict[int, int] = {}
+            for start in range(0, len(mine), MESSAGES_PER_STATEMENT):
+                chunk = mine[start : start + MESSAGES_PER_STATEMENT]
+                ids |= sql.insert_messages(run, topic_id, first + start, [messages[p][1] for p in chunk], now)
+            recipients = sql.email_recipients(run, topic_id)
+            if recipients:
+                EmailOutbox.objects.bulk_create(
+                    EmailOutbox(message_id=message_id, subscription_id=pk, address=address, next_try_at=now)
+                    for _, message_id in sorted(ids.items())
+                    for pk, address in recipients
+                )
+            for offset, position in enumerate(mine):
+                results[position] = Published(topic_id, name, first + offset, messages[position][1], len(recipients))
+    return [result for result in results if result is not None]
 
 
 def messages_after(topic_id: int, after: int, before: int | None = None, limit: int = 500) -> list[StoredMessage]:
