@@ -105,7 +105,7 @@ class GroupCommit:
         self._on_loop: bool | None = None  # whether batches may run on the loop; known at the first batch
         self._loop_connection: embedded.LoopConnection | None = None
         self._since_checkpoint = 0  # batches committed on the loop since the last checkpoint began
-        self._checkpoint: asyncio.Future[None] | None = None
+        self._checkpoint: asyncio.Future[tuple[int, int, int]] | None = None
 
     def submit(self, operation: dispatch.Operation) -> asyncio.Future[None]:
         """Queue ``operation`` for the next batch; the future is done once its effects were announced.
@@ -216,7 +216,7 @@ class GroupCommit:
         self._checkpoint = loop.run_in_executor(SyncToAsync.single_thread_executor, embedded.checkpoint)
         self._checkpoint.add_done_callback(self._checkpointed)
 
-    def _checkpointed(self, checkpoint: asyncio.Future[None]) -> None:
+    def _checkpointed(self, checkpoint: asyncio.Future[tuple[int, int, int]]) -> None:
         self._checkpoint = None
         if not checkpoint.cancelled() and checkpoint.exception() is not None:
             logger.warning("could not checkpoint the database: %r", checkpoint.exception())

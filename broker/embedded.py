@@ -30,6 +30,7 @@ Off for an in-memory database (tests), and with ``TURTLEMQ_SQLITE_ON_LOOP=0``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,6 +39,8 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.signals import connection_created
 from django.db.utils import DatabaseErrorWrapper
+
+logger = logging.getLogger("turtlemq.broker")
 
 
 class Busy(Exception):
@@ -112,17 +115,21 @@ class LoopConnection:
 CHECKPOINT_EVERY = 500
 
 
-def checkpoint() -> None:
+def checkpoint() -> tuple[int, int, int]:
     """Copy the write-ahead log into the database file and start it afresh; for the database thread.
 
     RESTART waits (with the connection's busy timeout) for the writer of the
     moment to finish, and holds the write lock while it copies, so that the
     next transaction starts the log from the beginning: under a steady stream
     of batches a passive checkpoint would never catch up, and the log would grow
-    without end.
+    without end. Returns SQLite's answer: (busy, frames in the log, frames copied).
     """
     with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         cursor.execute("PRAGMA wal_checkpoint(RESTART)")
+        busy, log_frames, copied = cursor.fetchone()
+    if busy:
+        logger.warning("could not checkpoint the database: another connection kept it busy")
+    return busy, log_frames, copied
 
 
 def wanted() -> bool:

@@ -83,6 +83,7 @@ class Runner:
         db: Any = loop_connection or connections[DEFAULT_DB_ALIAS]
         self._db = db
         self._loop_connection = loop_connection
+        self.on_loop = loop_connection is not None  # on an event loop's own SQLite connection (broker.embedded)
         self.sqlite = db.vendor == "sqlite"
         # On PostgreSQL, rows that another broker process has locked are skipped, not waited for.
         self.skip_locked = "" if self.sqlite else SKIP_LOCKED

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 
 from broker.models import Connection, Task
 from tests.communicators import Peer, wait_until
@@ -799,3 +800,24 @@ async def test_task_of_a_worker_closed_for_a_binary_frame_goes_to_another_worker
     assert await polite.next_task() == task
     await polite.respond(task, "r")
     assert await client.recv() == {"type": "RESPONSE_TASK", "messageId": "m1", "data": "r"}
+
+
+async def test_a_layer_event_the_connection_cannot_handle_closes_it_with_1011_and_spares_the_others(peers):
+    broken, other = await peers.worker(), await peers.client()
+    channel = await database_sync_to_async(
+        lambda: Connection.objects.get(role=Connection.Role.WORKER).channel_name
+    )()
+    await get_channel_layer().send(channel, {"type": "no.such.event"})
+    assert await broken.expect_close() == 1011
+    await other.submit("m1", "still served")
+    survivor = await peers.worker()
+    assert (await survivor.next_task())["data"] == "still served"
+
+
+async def test_task_events_from_the_layer_reach_a_connection_while_it_reads_frames(peers):
+    """A task announced by another process arrives as a layer event, beside the connection's own frames."""
+    worker = await peers.worker()
+    channel = await database_sync_to_async(lambda: Connection.objects.get().channel_name)()
+    await get_channel_layer().send(channel, {"type": "task.assign", "task_id": "99", "data": "from afar"})
+    assert await worker.next_task() == {"type": "REQUEST_TASK", "taskId": "99", "data": "from afar"}
+    assert (await worker.status())["idleWorkers"] == 1  # the database gave it nothing: a stray doorbell

@@ -19,7 +19,7 @@ from channels.db import database_sync_to_async
 from django.db import OperationalError
 
 from broker import commits, dispatch
-from broker.dispatch import Complete, MarkDelivered, Release, Submit, UnknownTask
+from broker.dispatch import Complete, Fail, MarkDelivered, Release, Submit, UnknownTask
 from broker.models import Task
 from tests.communicators import wait_until
 
@@ -130,6 +130,78 @@ def test_a_worker_released_in_the_batch_that_freed_its_slot_gets_no_new_task():
 
 
 @pytest.mark.django_db
+def test_the_same_completion_twice_in_one_batch_completes_the_task_once_and_refuses_the_repeat():
+    worker_id, first = a_busy_worker_and_a_queued_task()
+
+    errors, effects = dispatch.run_batch(
+        [Complete(worker_id, "worker.w", first.task_id, "ONE"), Complete(worker_id, "worker.w", first.task_id, "1")]
+    )
+
+    assert errors[0] is None and isinstance(errors[1], UnknownTask)
+    assert [(o.message_id, o.data) for o in effects.outcomes] == [("m1", "ONE")]
+    assert Task.objects.get(message_id="m1").result == "ONE"
+    assert [a.data for a in effects.assignments] == ["two"]  # one slot freed, one task handed out
+
+
+@pytest.mark.django_db
+def test_of_two_workers_completing_one_task_in_one_batch_only_the_one_holding_it_is_heard():
+    process_id = new_process()
+    holder = worker(process_id, "a")
+    (held,) = dispatch.submit_task("client.a", None, "m1", "one").assignments
+    other = worker(process_id, "b")
+
+    errors, effects = dispatch.run_batch(
+        [Complete(other, "worker.b", held.task_id, "wrong"), Complete(holder, "worker.a", held.task_id, "ONE")]
+    )
+
+    assert isinstance(errors[0], UnknownTask) and errors[1] is None
+    assert [o.data for o in effects.outcomes] == ["ONE"]
+
+
+@pytest.mark.django_db
+def test_workers_freed_in_one_batch_take_the_oldest_tasks_in_the_order_they_freed_up():
+    process_id = new_process()
+    workers = [worker(process_id, name) for name in ("a", "b", "c")]
+    held = {a.worker_channel: a for n in range(3) for a in dispatch.submit_task("c", None, f"h{n}", "h").assignments}
+    for n in range(5):
+        dispatch.submit_task("c", None, f"q{n}", f"queued {n}")
+
+    freeing = [(workers[2], "worker.c"), (workers[0], "worker.a"), (workers[1], "worker.b")]
+    errors, effects = dispatch.run_batch(
+        [Complete(worker_id, channel, held[channel].task_id, "done") for worker_id, channel in freeing]
+    )
+
+    assert errors == [None, None, None]
+    assert [(a.worker_channel, a.data) for a in effects.assignments] == [
+        ("worker.c", "queued 0"),
+        ("worker.a", "queued 1"),
+        ("worker.b", "queued 2"),
+    ]
+
+
+@pytest.mark.django_db
+def test_tasks_submitted_in_one_batch_are_stored_in_the_order_they_came():
+    count = 250  # more than one INSERT statement holds
+    errors, _ = dispatch.run_batch([Submit("client.a", None, f"m{n}", str(n)) for n in range(count)])
+
+    assert errors == [None] * count
+    by_id = list(Task.objects.order_by("pk").values_list("message_id", flat=True))
+    assert by_id == [f"m{n}" for n in range(count)]
+
+
+@pytest.mark.django_db
+def test_an_operation_after_a_completion_in_its_batch_sees_the_task_completed():
+    worker_id, first = a_busy_worker_and_a_queued_task()
+
+    errors, _ = dispatch.run_batch(
+        [Complete(worker_id, "worker.w", first.task_id, "ONE"), Fail(worker_id, "worker.w", first.task_id, "late")]
+    )
+
+    assert errors[0] is None and isinstance(errors[1], UnknownTask)
+    assert Task.objects.get(message_id="m1").state == Task.State.DONE
+
+
+@pytest.mark.django_db
 def test_when_the_batch_fails_as_a_whole_each_operation_runs_alone():
     process_id = new_process()
     worker(process_id, "w")
@@ -155,13 +227,20 @@ async def test_operations_queued_together_share_transactions_and_each_caller_hea
     process_id = await database_sync_to_async(new_process)()
     worker_id = await database_sync_to_async(worker)(process_id, "w", 50)
     batches: list[int] = []
-    real_run_batch = commits.run_batch
+    real_run_batch, real_run_batch_on_loop = commits.run_batch, dispatch.run_batch_on_loop
 
     async def counting_run_batch(operations: list[dispatch.Operation]) -> Any:
         batches.append(len(operations))
         return await real_run_batch(operations)
 
+    def counting_run_batch_on_loop(operations: list[dispatch.Operation], connection: Any) -> Any:
+        outcomes = real_run_batch_on_loop(operations, connection)
+        batches.append(len(operations))  # counted once it committed: a busy database sends it to the thread
+        return outcomes
+
+    # Batches run on the event loop (SQLite) or in the database thread (PostgreSQL, or SQLite while busy).
     monkeypatch.setattr(commits, "run_batch", counting_run_batch)
+    monkeypatch.setattr(dispatch, "run_batch_on_loop", counting_run_batch_on_loop)
     group = commits.GroupCommit()
 
     submits = [group.submit(Submit("client.a", None, f"m{n}", str(n))) for n in range(40)]
@@ -187,6 +266,20 @@ async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it():
     await group.submit(Submit("client.a", None, "m2", "two"))
 
     assert await database_sync_to_async(lambda: Task.objects.get(pk=task_id).delivered_at)() is not None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_delivery_marks_alone_wait_a_moment_for_a_batch_to_ride_along_with_then_are_recorded():
+    process_id = await database_sync_to_async(new_process)()
+    await database_sync_to_async(worker)(process_id, "w")
+    await database_sync_to_async(dispatch.submit_task)("client.a", None, "m1", "one")
+    task_id = await database_sync_to_async(lambda: Task.objects.get().pk)()
+    group = commits.GroupCommit()
+
+    group.note_delivered(task_id)
+    await asyncio.sleep(commits.MARK_DELAY / 5)
+    assert await database_sync_to_async(lambda: Task.objects.get(pk=task_id).delivered_at)() is None
+    await wait_until(lambda: Task.objects.get(pk=task_id).delivered_at is not None, what="the delivery recorded")
 
 
 # --- pipelining in the consumer -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.db import connections
 
+from subscriptions import consumers as topic_consumers
 from subscriptions import events, topics
 from subscriptions.models import Message, Subscription
 from turtlemq_site.asgi import application
@@ -234,6 +235,40 @@ async def test_a_publisher_that_follows_its_topic_gets_its_own_message_too(conne
     await peer.send({"type": "PUBLISH", "topic": "echo", "data": "me"})
     assert await peer.recv() == {"type": "PUBLISHED", "topic": "echo", "id": 1}
     assert await peer.recv() == {"type": "MESSAGE", "topic": "echo", "id": 1, "data": "me"}
+
+
+async def test_a_burst_of_publishes_is_answered_in_order_with_an_error_in_its_place(connect, monkeypatch):
+    await make_topics("burst.a", "burst.b")
+    subscriber = await connect()
+    await subscriber.subscribe("burst.a")
+    transactions: list[int] = []
+
+    def counting(messages: list[tuple[str, str]]) -> list[Any]:
+        transactions.append(len(messages))
+        return topics.publish_many(messages)
+
+    monkeypatch.setattr(topic_consumers, "publish_many", database_sync_to_async(counting))
+    publisher = await connect()
+    sent = [("burst.a", f"a{n}") for n in range(100)]
+    sent[50] = ("burst.nowhere", "lost")
+    sent[70] = ("burst.b", "b1")
+    for topic, data in sent:
+        await publisher.send({"type": "PUBLISH", "topic": topic, "data": data})
+
+    answers = [await publisher.recv() for _ in sent]
+    expected_a = iter(range(1, 99))
+    for (topic, _), answer in zip(sent, answers, strict=True):
+        if topic == "burst.nowhere":
+            assert (answer["type"], answer["code"], answer["ref"]["topic"]) == ("ERROR", "UNKNOWN_TOPIC", topic)
+        elif topic == "burst.b":
+            assert answer == {"type": "PUBLISHED", "topic": "burst.b", "id": 1}
+        else:
+            assert answer == {"type": "PUBLISHED", "topic": "burst.a", "id": next(expected_a)}
+    a_data = [data for topic, data in sent if topic == "burst.a"]
+    assert await subscriber.messages(98) == [("burst.a", n, data) for n, data in enumerate(a_data, 1)]
+    assert sum(transactions) == len(sent)
+    assert len(transactions) < len(sent)  # frames that queued together were stored together
+    assert await stored_messages("burst.a") == list(enumerate(a_data, 1))
 
 
 async def test_publishing_to_an_unknown_topic_is_unknown_topic_and_stores_nothing(connect):

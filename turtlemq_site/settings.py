@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -132,6 +133,13 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 20,
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            # Test runs use a database file of their own (SQLite's default for
+            # tests is in memory), so that they run the batches on the event
+            # loop as served brokers do (broker.embedded needs a file).
+            "TEST": {
+                "NAME": os.environ.get("TURTLEMQ_TEST_DATABASE_NAME")
+                or str(Path(tempfile.gettempdir()) / f"turtlemq-test-{os.getpid()}.sqlite3"),
             },
         }
     }
