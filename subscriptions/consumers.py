@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 from channels.db import database_sync_to_async
 
 from . import protocol, topics
-from .events import TOPICS_GROUP, TopicCreatedEvent, TopicMessageEvent, announce_message
+from .events import (
+    TOPICS_GROUP,
+    TopicCreatedEvent,
+    TopicMessageEvent,
+    TopicMessagesEvent,
+    announce_messages,
+    split_messages,
+)
 from .fanout import ProcessFanout, process_fanout
 from .names import matches
 
@@ -192,9 +199,8 @@ class TopicFramesMixin:
                 results = await publish_many([(frame.topic, frame.data) for frame, _ in batch])
                 for (_, obj), result in zip(batch, results, strict=True):
                     await self._answer_publish(result, obj)
-                for result in results:
-                    if not isinstance(result, topics.UnknownTopic):
-                        await announce_message(result, self.channel_layer)
+                published = [result for result in results if not isinstance(result, topics.UnknownTopic)]
+                await announce_messages(published, self.channel_layer)
         finally:
             self._publisher = None
 
@@ -240,6 +246,11 @@ class TopicFramesMixin:
             await self._catch_up(event["topic_id"], following, before=event["id"])
         await self.send_frame(protocol.message_frame(event["topic"], event["id"], event["data"]))
         following.last_id = event["id"]
+
+    async def topic_messages(self, event: TopicMessagesEvent) -> None:
+        """Several messages of one topic sent to this connection's own channel: each as ``topic_message``."""
+        for message in split_messages(event):
+            await self.topic_message(message)
 
     async def topic_created(self, event: TopicCreatedEvent) -> None:
         """A new topic: follow it from its first message if one of our patterns matches it."""

@@ -2,7 +2,8 @@
 
 * ``topic.message`` goes to the group ``topic.<pk>`` of the topic a message
   was published to; every connection following the topic turns it into a
-  MESSAGE frame. This module is the one place that sends it.
+  MESSAGE frame. This module is the one place that sends it. Several
+  messages of one topic stored together travel as one ``topic.messages``.
 * ``topic.created`` goes to the group ``topics``, which connections with a
   wildcard subscription join, so that they start following matching topics
   created later.
@@ -32,6 +33,15 @@ class TopicMessageEvent(TypedDict):
     data: str
 
 
+class TopicMessagesEvent(TypedDict):
+    """Several consecutive messages of one topic (a burst stored in one transaction), in order."""
+
+    type: Literal["topic.messages"]
+    topic_id: int
+    topic: str
+    messages: list[tuple[int, str]]  # (id, data), ids rising
+
+
 class TopicCreatedEvent(TypedDict):
     type: Literal["topic.created"]
     topic_id: int
@@ -57,6 +67,33 @@ async def announce_message(published: Published, layer: BaseChannelLayer | None 
     """Tell the topic's followers, in every broker process, about a committed message."""
     layer = layer or get_channel_layer()
     await layer.group_send(topic_group(published.topic_id), message_event(published))
+
+
+async def announce_messages(published: list[Published], layer: BaseChannelLayer | None = None) -> None:
+    """Announce committed messages: one layer message per topic, however many messages it got."""
+    layer = layer or get_channel_layer()
+    by_topic: dict[int, list[Published]] = {}
+    for message in published:
+        by_topic.setdefault(message.topic_id, []).append(message)
+    for topic_id, messages in by_topic.items():
+        if len(messages) == 1:
+            await layer.group_send(topic_group(topic_id), message_event(messages[0]))
+            continue
+        event: TopicMessagesEvent = {
+            "type": "topic.messages",
+            "topic_id": topic_id,
+            "topic": messages[0].topic,
+            "messages": [(message.seq, message.data) for message in messages],
+        }
+        await layer.group_send(topic_group(topic_id), event)
+
+
+def split_messages(event: TopicMessagesEvent) -> list[TopicMessageEvent]:
+    """A ``topic.messages`` event as the ``topic.message`` events it stands for."""
+    return [
+        {"type": "topic.message", "topic_id": event["topic_id"], "topic": event["topic"], "id": seq, "data": data}
+        for seq, data in event["messages"]
+    ]
 
 
 def announce_message_from_sync(published: Published) -> None:

@@ -98,7 +98,7 @@ from broker.aio import end_task as _end
 from broker.protocol import encode
 
 from . import protocol
-from .events import TopicMessageEvent, topic_group
+from .events import TopicMessageEvent, split_messages, topic_group
 
 if TYPE_CHECKING:
     from channels.layers import BaseChannelLayer
@@ -283,6 +283,9 @@ class ProcessFanout:
                 failing = False
             if event.get("type") == "topic.message":
                 await self.deliver(event)  # type: ignore[arg-type]
+            elif event.get("type") == "topic.messages":
+                for message in split_messages(event):  # type: ignore[arg-type]
+                    await self.deliver(message)
 
     async def refresh(self) -> None:
         """Join each followed topic's group again (a fresh join time), and leave the groups left behind."""
