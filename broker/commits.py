@@ -192,14 +192,16 @@ class GroupCommit:
 
     def _run_on_loop(self, operations: list[dispatch.Operation]) -> asyncio.Future[Outcomes] | None:
         """Run a batch on the loop's own SQLite connection; None if it must take the database thread after all."""
-        if self._loop_connection is None:
-            self._loop_connection = embedded.open_for_loop()
         try:
+            if self._loop_connection is None:
+                self._loop_connection = embedded.open_for_loop()  # tried again at the next batch if this fails
             outcomes = dispatch.run_batch_on_loop(operations, self._loop_connection)
         except embedded.Busy:
             return None  # another connection is writing: the thread waits for it
-        except DatabaseError:
-            # Rolled back whole; in the thread each operation is tried again on its own.
+        except Exception:
+            # Rolled back whole; in the thread each operation is tried again on its
+            # own, with Django's error handling. The loop is only the fast path: no
+            # failure of it may stop the queue from draining.
             logger.warning("a batch of %s operations failed on the event loop", len(operations), exc_info=True)
             return None
         self._since_checkpoint += 1

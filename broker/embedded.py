@@ -67,22 +67,24 @@ class LoopConnection:
         self.ops = connections[DEFAULT_DB_ALIAS].ops  # adapt_datetimefield_value: pure conversions
         # timeout=0: never wait for the write lock on the event loop (see Busy).
         self.connection = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA synchronous=NORMAL")
-        self.connection.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+        try:
+            # The first connection to open a WAL database after the last one closed
+            # recovers its log under an exclusive lock: Busy for anyone else meanwhile.
+            with self._busy_or_database_error():
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                self.connection.execute("PRAGMA synchronous=NORMAL")
+                self.connection.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+        except BaseException:
+            self.connection.close()
+            raise
         self.cursor = self.connection.cursor()
         connection_created.send(sender=type(self), connection=self)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; :class:`Busy` (having changed nothing) when the file is locked."""
-        try:
+        with self._busy_or_database_error():
             self.cursor.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise Busy(str(exc)) from exc
-            with self.wrap_database_errors:
-                raise
         try:
             yield
         except BaseException:
@@ -93,6 +95,20 @@ class LoopConnection:
                 self.cursor.execute("COMMIT")
             except BaseException:
                 self.connection.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def _busy_or_database_error(self) -> Iterator[None]:
+        """Translate SQLite's "locked" into :class:`Busy`, any other error into ``django.db``'s."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise Busy(str(exc)) from exc
+            with self.wrap_database_errors:
+                raise
+        except sqlite3.Error:
+            with self.wrap_database_errors:
                 raise
 
     @contextlib.contextmanager
