@@ -29,9 +29,18 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 migrate: $(VENV)/.runtime
 	$(BIN)/python manage.py migrate --noinput
 
+# daphne by default (the design's server); SERVER=uvicorn for the faster one (README, "Which server").
+SERVER ?= daphne
 run: migrate
+ifeq ($(SERVER),uvicorn)
+	$(BIN)/uvicorn --host $(HOST) --port $(PORT) --loop uvloop --ws websockets-sansio --ws-max-size $(MAX_FRAME_BYTES) \
+		--ws-ping-interval $(TURTLEMQ_PING_INTERVAL) --ws-ping-timeout $(TURTLEMQ_PING_TIMEOUT) turtlemq_site.asgi:application
+else ifeq ($(SERVER),daphne)
 	$(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(MAX_FRAME_BYTES) \
 		--ping-interval $(TURTLEMQ_PING_INTERVAL) --ping-timeout $(TURTLEMQ_PING_TIMEOUT) turtlemq_site.asgi:application
+else
+	$(error SERVER must be daphne or uvicorn, not $(SERVER))
+endif
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

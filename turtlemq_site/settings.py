@@ -112,6 +112,15 @@ SQLITE_PATH = os.environ.get("TURTLEMQ_SQLITE_PATH", str(BASE_DIR / "db.sqlite3"
 
 if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600)}
+    # Server-side prepared statements for what runs more than this many times on
+    # a connection: the task path's hand-written statements (broker.sql), which
+    # PostgreSQL would otherwise parse and plan for every batch. Django leaves
+    # them off by default (they need pgbouncer 1.21+ in transaction pooling);
+    # "off" does too.
+    _prepare = os.environ.get("TURTLEMQ_PG_PREPARE_THRESHOLD", "5").strip().lower()
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+        None if _prepare in ("off", "none", "") else int(_prepare)
+    )
     # Test runs create their own database; a per-process name lets several
     # runs share one PostgreSQL server without dropping each other's.
     DATABASES["default"]["TEST"] = {
