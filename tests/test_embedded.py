@@ -39,7 +39,10 @@ def thread_batches(monkeypatch) -> list[int]:
     return sizes
 
 
-async def test_task_batches_run_on_the_event_loop_and_are_committed_before_they_are_announced(thread_batches, peers):
+async def test_task_batches_run_on_the_event_loop_and_are_committed_before_they_are_announced(
+    thread_batches, peers, settings
+):
+    settings.TURTLEMQ_TICK = 3600  # housekeeping's writes would make a batch find the file locked
     worker_peer = await peers.worker()
     client = await peers.client()
     await client.submit("m1", "one")
