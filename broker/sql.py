@@ -122,29 +122,33 @@ class Runner:
             adapted = self._times[value] = self._db.ops.adapt_datetimefield_value(value)
         return adapted
 
-    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
+    def _execute(self, sql: str, params: Sequence[Any], planned_each_time: bool = False) -> Any:
         cursor = self._cursor
         if cursor is None:
             cursor = self._db.cursor()
             cursor.execute(sql, params)
             return cursor
         native = _sqlite_form(sql) if self.sqlite else sql
+        options = _NEVER_PREPARED if planned_each_time and not self.sqlite else _AS_CONFIGURED
         with self._errors:
             if not self._wrappers:
-                cursor.execute(native, params)
+                cursor.execute(native, params, **options)
                 return cursor
 
             def execute(sql: str, params: Sequence[Any], many: bool, context: dict[str, Any]) -> Any:
-                return context["cursor"].execute(native, params)
+                return context["cursor"].execute(native, params, **options)
 
             for wrapper in self._wrappers:
                 execute = functools.partial(wrapper, execute)
             execute(sql, params, False, {"connection": self._db, "cursor": cursor})
             return cursor
 
-    def rows(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        """Run one statement; the rows it returned, if any."""
-        cursor = self._execute(sql, params)
+    def rows(self, sql: str, params: Sequence[Any], planned_each_time: bool = False) -> list[tuple]:
+        """Run one statement; the rows it returned, if any.
+
+        ``planned_each_time``: never a prepared statement on PostgreSQL (see ``_NEVER_PREPARED``).
+        """
+        cursor = self._execute(sql, params, planned_each_time)
         with self._errors:
             return cursor.fetchall() if cursor.description else []
 
@@ -152,6 +156,15 @@ class Runner:
         """Run one statement; how many rows it changed."""
         return self._execute(sql, params).rowcount
 
+
+# Prepared statements (TURTLEMQ_PG_PREPARE_THRESHOLD) end up with a generic
+# plan, made without the parameters' values. For "the oldest tasks in state X"
+# that is a trap: not knowing that few rows are queued, PostgreSQL may walk the
+# primary key from the oldest task ever (measured: the claim joined its
+# candidates by scanning the whole table, a burst ran at half speed). Those
+# statements are planned each time with their values.
+_NEVER_PREPARED: dict[str, Any] = {"prepare": False}
+_AS_CONFIGURED: dict[str, Any] = {}
 
 # Statements for several rows at once have ``{rows}`` where the VALUES rows go
 # (see _with_rows); VALUES lists name their columns column1, column2, ... on
@@ -292,7 +305,7 @@ class Statements(Runner):
 
     def due_tasks(self, now: datetime, limit: int) -> list[TaskRow]:
         """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
-        return self.rows(self._due_tasks, (QUEUED, self.time(now), limit))
+        return self.rows(self._due_tasks, (QUEUED, self.time(now), limit), planned_each_time=True)
 
     def claim_due_for(
         self, slots: list[tuple[int, int]], lease_expires_at: datetime | None, now: datetime
@@ -311,7 +324,8 @@ class Statements(Runner):
             ranges += (worker_id, hi + 1, hi + count)
             hi += count
         statement = _with_rows(self._claim_due_for, "(%s, %s, %s)", len(slots))
-        rows = self.rows(statement, (QUEUED, at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED))
+        params = (QUEUED, at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED)
+        rows = self.rows(statement, params, planned_each_time=True)
         claimed: dict[int, list[TaskRow]] = {}
         for pk, worker_id, data, timeout in sorted(rows):
             claimed.setdefault(worker_id, []).append((pk, data, timeout))

@@ -172,3 +172,5 @@ def test_on_postgresql_the_statements_of_a_task_are_prepared_once_per_connection
         prepared = [statement for (statement,) in cursor.fetchall()]
     assert any(statement.startswith("INSERT INTO broker_task") for statement in prepared), prepared
     assert any(statement.startswith("SELECT id, channel_name") for statement in prepared), prepared  # free workers
+    # "The oldest queued tasks" is planned each time: a generic plan does not know how few are queued.
+    assert not any(statement.startswith("SELECT id, data, timeout FROM broker_task") for statement in prepared)
