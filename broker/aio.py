@@ -1,7 +1,9 @@
-"""Ending the background tasks that read Redis: redis-py on Python 3.11 may swallow a cancellation.
+"""Helpers of the two process-wide readers of Redis of a broker process.
 
-Used by the two process-wide readers of a broker process: the topic fan-out
-(``subscriptions.fanout``) and the task inbox (``broker.inbox``).
+They are the topic fan-out (``subscriptions.fanout``) and the task inbox
+(``broker.inbox``): both must know whether a layer is channels-redis
+(:func:`is_redis_layer`), and both must end background tasks that read Redis,
+where redis-py on Python 3.11 may swallow a cancellation (:func:`end_task`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ import logging
 from typing import Any
 
 logger = logging.getLogger("turtlemq.broker")
+
+
+def is_redis_layer(layer: Any) -> bool:
+    """Whether ``layer`` is channels-redis's (imported only when asked: the embedded stack needs none of it)."""
+    try:
+        from channels_redis.core import RedisChannelLayer
+    except ImportError:  # pragma: no cover - a requirement
+        return False
+    return isinstance(layer, RedisChannelLayer)
+
 
 # A task told to stop that still runs after this long is cancelled again (see ``end_task``).
 CANCEL_AGAIN_SECONDS = 0.25

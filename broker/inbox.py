@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import local
-from .aio import cancelling, end_task
+from .aio import cancelling, end_task, is_redis_layer
 from .dispatch import Assignment, Outcome
 
 if TYPE_CHECKING:
@@ -48,18 +48,9 @@ SPECIFIC = "specific."
 Event = dict[str, Any]
 
 
-def _redis_layer_class() -> type | None:
-    try:
-        from channels_redis.core import RedisChannelLayer
-    except ImportError:  # pragma: no cover - a requirement, but the embedded stack needs none of it
-        return None
-    return RedisChannelLayer
-
-
 def supported(layer: BaseChannelLayer) -> bool:
     """Whether task events on ``layer`` go through inboxes (channels-redis) rather than layer messages."""
-    redis_layer = _redis_layer_class()
-    return redis_layer is not None and isinstance(layer, redis_layer)
+    return is_redis_layer(layer)
 
 
 def inbox_of(layer: Any, channel: str) -> str | None:

@@ -95,6 +95,7 @@ from channels.layers import InMemoryChannelLayer
 
 from broker.aio import cancelling as _cancelled
 from broker.aio import end_task as _end
+from broker.aio import is_redis_layer
 from broker.protocol import encode
 
 from . import protocol
@@ -121,18 +122,9 @@ class Follower(Protocol):
     async def offer_topic_message(self, event: TopicMessageEvent, text: str) -> None: ...
 
 
-def _redis_layer_class() -> type | None:
-    try:
-        from channels_redis.core import RedisChannelLayer
-    except ImportError:  # pragma: no cover - a requirement, but the embedded stack needs none of it
-        return None
-    return RedisChannelLayer
-
-
 def shares_process_channel(layer: BaseChannelLayer) -> bool:
     """Whether connections on ``layer`` hear topics through the process channel (the layers we know)."""
-    redis_layer = _redis_layer_class()
-    return isinstance(layer, InMemoryChannelLayer) or (redis_layer is not None and isinstance(layer, redis_layer))
+    return isinstance(layer, InMemoryChannelLayer) or is_redis_layer(layer)
 
 
 def own_layer(layer: BaseChannelLayer) -> BaseChannelLayer:
@@ -143,8 +135,7 @@ def own_layer(layer: BaseChannelLayer) -> BaseChannelLayer:
     docstring). The in-memory layer keeps its state in the instance: its
     process channel must live on the connections' layer itself.
     """
-    redis_layer = _redis_layer_class()
-    if redis_layer is None or not isinstance(layer, redis_layer):
+    if not is_redis_layer(layer):
         return layer
     own = type(layer)(
         hosts=layer.hosts,

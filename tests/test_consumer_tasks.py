@@ -804,9 +804,7 @@ async def test_task_of_a_worker_closed_for_a_binary_frame_goes_to_another_worker
 
 async def test_a_layer_event_the_connection_cannot_handle_closes_it_with_1011_and_spares_the_others(peers):
     broken, other = await peers.worker(), await peers.client()
-    channel = await database_sync_to_async(
-        lambda: Connection.objects.get(role=Connection.Role.WORKER).channel_name
-    )()
+    channel = await database_sync_to_async(lambda: Connection.objects.get(role=Connection.Role.WORKER).channel_name)()
     await get_channel_layer().send(channel, {"type": "no.such.event"})
     assert await broken.expect_close() == 1011
     await other.submit("m1", "still served")

@@ -118,9 +118,7 @@ async def test_a_batch_that_fails_on_the_loop_leaves_nothing_there_and_runs_agai
     group = commits.GroupCommit()
     await asyncio.wait_for(group.submit(FailsOnTheLoop()), 10)
     assert thread_batches == [1]
-    assert await database_sync_to_async(lambda: list(Task.objects.values_list("message_id", flat=True)))() == [
-        "marker"
-    ]
+    assert await database_sync_to_async(lambda: list(Task.objects.values_list("message_id", flat=True)))() == ["marker"]
 
 
 async def test_the_database_thread_checkpoints_the_log_that_the_loop_writes(monkeypatch):
