@@ -161,7 +161,10 @@ def test_the_statements_of_a_task_and_of_housekeeping_read_the_task_table_throug
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
 def test_on_postgresql_the_statements_of_a_task_are_prepared_once_per_connection_not_planned_per_batch():
-    """The setting's default (``TURTLEMQ_PG_PREPARE_THRESHOLD``): measured, a third of PostgreSQL's CPU per task."""
+    """The default of ``TURTLEMQ_PG_PREPARE_THRESHOLD``.
+
+    Measured: about a fifth less of PostgreSQL's CPU per W1 round trip (1.1-1.3 ms -> 0.9 ms).
+    """
     process_id, _ = dispatch.register_process("prepared", 1)
     dispatch.register_worker(process_id, "worker.prepared", 100)
     for n in range(8):  # one batch each, every one handing its task to the worker
