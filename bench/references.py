@@ -57,7 +57,7 @@ def run_harness(reference: Reference, workload: str, options: dict[str, Any], ou
     """One workload of ``reference`` through the harness; its summary, or ``{"error": ...}``."""
     argv = [
         sys.executable, str(SHARED_BENCH / "harness.py"), "--system", reference.system,
-        "--workload", workload, "--reps", "1", "--out", str(out), "--label", reference.label,
+        "--workload", workload, "--reps", str(options["reps"]), "--out", str(out), "--label", reference.label,
         "--duration", str(options["duration"]), "--w2-timeout", str(options["timeout"]),
         "--w3-timeout", str(options["timeout"]),
     ]  # fmt: skip
@@ -66,9 +66,8 @@ def run_harness(reference: Reference, workload: str, options: dict[str, Any], ou
     if reference.server is not None:
         argv += ["--broker-pid", str(reference.server.pid)]
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, cwd=SHARED_BENCH, timeout=options["timeout"] + 90
-        )  # fmt: skip
+        limit = options["reps"] * (options["timeout"] + 30) + 60
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=SHARED_BENCH, timeout=limit)
     except subprocess.TimeoutExpired:
         return {"error": "the harness did not finish in time"}
     summary = None
