@@ -22,7 +22,9 @@ Checkpoints (copying the write-ahead log back into the database file, with
 two fsyncs) would stall the loop for milliseconds: its connection never makes
 one itself. The group commit asks the database thread for one every
 ``CHECKPOINT_EVERY`` batches instead (:func:`checkpoint`); it runs beside the
-loop with the GIL released, and the loop's batches take the thread meanwhile.
+loop with the GIL released, copying most of the log while the loop's batches
+go on, and holding the write lock only for the rest (the loop's batches take
+the thread for that moment).
 
 Off for an in-memory database (tests), and with ``TURTLEMQ_SQLITE_ON_LOOP=0``.
 """
@@ -134,13 +136,20 @@ CHECKPOINT_EVERY = 500
 def checkpoint() -> tuple[int, int, int]:
     """Copy the write-ahead log into the database file and start it afresh; for the database thread.
 
-    RESTART waits (with the connection's busy timeout) for the writer of the
-    moment to finish, and holds the write lock while it copies, so that the
-    next transaction starts the log from the beginning: under a steady stream
-    of batches a passive checkpoint would never catch up, and the log would grow
-    without end. Returns SQLite's answer: (busy, frames in the log, frames copied).
+    In two steps. PASSIVE copies what the log holds without taking the write
+    lock: the loop's batches go on committing meanwhile. RESTART then waits
+    (with the connection's busy timeout) for the writer of the moment to
+    finish and holds the write lock while it copies the little written since,
+    so that the next transaction starts the log from the beginning: under a
+    steady stream of batches a passive checkpoint alone would never catch up,
+    and the log would grow without end. RESTART alone held the lock for the
+    whole copy and both fsyncs, and every batch meanwhile waited for it
+    (measured, W1: p99 17-20 ms with it alone, 8-10 ms in two steps). Returns
+    SQLite's answer to RESTART: (busy, frames in the log, frames copied).
     """
     with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        cursor.fetchone()
         cursor.execute("PRAGMA wal_checkpoint(RESTART)")
         busy, log_frames, copied = cursor.fetchone()
     if busy:
