@@ -190,8 +190,12 @@ _FREE_WORKERS = (
     f" WHERE role = %s AND disconnected_at IS NULL AND in_flight < concurrency"
     f" ORDER BY ready_at, id LIMIT %s"
 )
+# The queue look-ups name the state as a literal, not a parameter, so that
+# PostgreSQL can match the partial index of queued tasks (``task_queued_idx``,
+# see ``Task.Meta``) in any plan, generic or not.
+IS_QUEUED = f"state = '{QUEUED}'"
 _DUE_TASKS = (
-    f"SELECT id, data, timeout FROM {TASK} WHERE state = %s AND (not_before IS NULL OR not_before <= %s)"
+    f"SELECT id, data, timeout FROM {TASK} WHERE {IS_QUEUED} AND (not_before IS NULL OR not_before <= %s)"
     f" ORDER BY id LIMIT %s"
 )
 # The candidates in a MATERIALIZED CTE: computed once. As a plain subquery
@@ -200,7 +204,7 @@ _DUE_TASKS = (
 # beside a window function, hence the numbering in a CTE of its own. Each
 # worker takes the tasks numbered within its slots (lo to hi).
 _CLAIM_DUE_FOR = (
-    f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE state = %s"
+    f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE {IS_QUEUED}"
     " AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s{skip_locked}),"
     " numbered AS (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM due),"
     " slots (worker_id, lo, hi) AS (VALUES {rows})"
@@ -305,7 +309,7 @@ class Statements(Runner):
 
     def due_tasks(self, now: datetime, limit: int) -> list[TaskRow]:
         """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
-        return self.rows(self._due_tasks, (QUEUED, self.time(now), limit), planned_each_time=True)
+        return self.rows(self._due_tasks, (self.time(now), limit), planned_each_time=True)
 
     def claim_due_for(
         self, slots: list[tuple[int, int]], lease_expires_at: datetime | None, now: datetime
@@ -324,7 +328,7 @@ class Statements(Runner):
             ranges += (worker_id, hi + 1, hi + count)
             hi += count
         statement = _with_rows(self._claim_due_for, "(%s, %s, %s)", len(slots))
-        params = (QUEUED, at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED)
+        params = (at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED)
         rows = self.rows(statement, params, planned_each_time=True)
         claimed: dict[int, list[TaskRow]] = {}
         for pk, worker_id, data, timeout in sorted(rows):
