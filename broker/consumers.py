@@ -138,6 +138,7 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         self._auth_deadline: asyncio.Task[None] | None = None
         self._key_group: str | None = None  # the group of the key's connections (see access_changed)
         self._unanswered = 0  # tasks this connection submitted whose outcome it has not been sent
+        self._closing = False  # the broker closed the connection (see close)
         self._pipelined = 0  # its task operations waiting for their commit
         self._pipeline_moved: asyncio.Future[None] | None = None  # set when one of them is done (see _enqueue)
         self._group_commit = commits.group_commit()  # this process's; looked up once per connection
@@ -160,6 +161,19 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
             else:
                 # Otherwise the first frame must carry the key, and soon.
                 self._auth_deadline = asyncio.ensure_future(self._expect_key(settings.TURTLEMQ_AUTH_TIMEOUT))
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        """Close from the broker's end; nothing more is sent, and task events go by the database.
+
+        Until the server reports the socket gone (``disconnect``), the
+        connection lives on here, but a frame sent meanwhile is dropped by the
+        server: an outcome sent then would be recorded as delivered and never
+        arrive. So it is not sent; the database keeps it owed to the clientId,
+        and a released worker's tasks go back to the queue as usual.
+        """
+        self._closing = True
+        local.unregister(self.channel_name)
+        await super().close(code, reason)
 
     async def disconnect(self, code: int) -> None:
         local.unregister(self.channel_name)
@@ -268,7 +282,9 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         await self.send_assignment(dispatch.Assignment(self.channel_name, event["task_id"], event["data"]))
 
     async def send_assignment(self, assignment: dispatch.Assignment) -> None:
-        """A task for this worker (``broker.local``): send it as REQUEST_TASK."""
+        """A task for this worker (``broker.local``): send it as REQUEST_TASK (not once closing, see ``close``)."""
+        if self._closing:
+            return  # the worker's release takes it back
         await self.send_frame(protocol.request_task_frame(assignment.task_id, assignment.data))
 
     async def node_going_away(self, event: events.NodeGoingAwayEvent) -> None:
@@ -282,7 +298,12 @@ class BrokerConsumer(TopicFramesMixin, AsyncWebsocketConsumer):
         )
 
     async def send_outcome(self, outcome: dispatch.Outcome) -> None:
-        """The outcome of one of this client's tasks (``broker.local``): send it, then record the delivery."""
+        """The outcome of one of this client's tasks (``broker.local``): send it, then record the delivery.
+
+        Not once the connection is closing (see ``close``): the outcome stays owed.
+        """
+        if self._closing:
+            return
         if outcome.ok:
             await self.send_frame(protocol.response_task_frame(outcome.message_id, outcome.data))
         else:

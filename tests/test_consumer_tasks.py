@@ -15,7 +15,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from broker.models import Connection, Task
-from tests.communicators import Peer, wait_until
+from tests.communicators import TIMEOUT, Peer, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -451,6 +451,31 @@ async def test_results_resumed_with_a_client_id_are_sent_only_once(peers):
     again = await peers.client("app")
     await again.assert_silent()
     assert (await task_row(task["taskId"]))["delivered_at"] is not None
+
+
+async def test_result_for_a_connection_the_broker_is_closing_is_kept_for_resume(peers):
+    """Between the broker's close and the server's word that the socket is gone, nothing sent arrives.
+
+    An outcome sent in that window would be dropped by the server and yet
+    recorded as delivered: lost to the client for good.
+    """
+    worker = await peers.worker()
+    client = await peers.client("app")
+    await client.submit("m1", "a")
+    task = await worker.next_task()
+    await client.send_bytes(b"binary")  # refused: the broker closes the connection
+    output = await client.communicator.receive_output(TIMEOUT)
+    assert output["type"] == "websocket.close"
+
+    # The server has not reported the socket closed yet (no websocket.disconnect).
+    await worker.respond(task, "ra")
+    await wait_until(lambda: task_is(task["taskId"], "done"), what="m1 done")
+    await client.assert_silent()
+    await client.close()
+    assert (await task_row(task["taskId"]))["delivered_at"] is None
+
+    back = await peers.client("app")
+    assert await back.recv() == {"type": "RESPONSE_TASK", "messageId": "m1", "data": "ra"}
 
 
 async def test_result_delivered_live_is_not_sent_again_on_resume(peers):
