@@ -183,6 +183,12 @@ async def test_bad_frame_closes_its_connection_but_keeps_its_tasks_and_spares_ot
     await offender.connection.send(bad_frame)
 
     assert await offender.expect_closed() == close_code
+    # Wait until the broker has released the connection. A server that closes on its own
+    # (daphne, for an oversize frame) reports it only later, and an outcome sent to the
+    # connection in between is dropped by the server yet counted as delivered: a known gap.
+    # What this test holds the broker to is the outcome waiting in the database.
+    expected = {"idleWorkers": 0, "busyWorkers": 0, "clients": 1, "queuedTasks": 1, "runningTasks": 0}
+    await poll_status(bystander, expected)
     await bystander.request_task("b1", "bystander task")
     worker = await EchoWorker.start(stack.worker_url)
     assert await bystander.recv() == {"type": "RESPONSE_TASK", "messageId": "b1", "data": "BYSTANDER TASK"}
