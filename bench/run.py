@@ -139,7 +139,7 @@ def measure_turtlemq(stack: Stack, options: argparse.Namespace, key: str, memory
     try:
         topics_missing = create_topics(stack)
         notes.append(topics_missing)
-        workloads = bench_tool(stack, options, "W1,W2", options.reps)["workloads"]
+        workloads = bench_tool(stack, options, ",".join(REPEATED), options.reps)["workloads"]
         if not topics_missing:
             workloads |= bench_tool(stack, options, "W3", 1)["workloads"]
         for workload, entry in workloads.items():
