@@ -123,29 +123,33 @@ class Runner:
             adapted = self._times[value] = self._db.ops.adapt_datetimefield_value(value)
         return adapted
 
-    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
+    def _execute(self, sql: str, params: Sequence[Any], planned_each_time: bool = False) -> Any:
         cursor = self._cursor
         if cursor is None:
             cursor = self._db.cursor()
             cursor.execute(sql, params)
             return cursor
         native = _sqlite_form(sql) if self.sqlite else sql
+        options = _NEVER_PREPARED if planned_each_time and not self.sqlite else _AS_CONFIGURED
         with self._errors:
             if not self._wrappers:
-                cursor.execute(native, params)
+                cursor.execute(native, params, **options)
                 return cursor
 
             def execute(sql: str, params: Sequence[Any], many: bool, context: dict[str, Any]) -> Any:
-                return context["cursor"].execute(native, params)
+                return context["cursor"].execute(native, params, **options)
 
             for wrapper in self._wrappers:
                 execute = functools.partial(wrapper, execute)
             execute(sql, params, False, {"connection": self._db, "cursor": cursor})
             return cursor
 
-    def rows(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        """Run one statement; the rows it returned, if any."""
-        cursor = self._execute(sql, params)
+    def rows(self, sql: str, params: Sequence[Any], planned_each_time: bool = False) -> list[tuple]:
+        """Run one statement; the rows it returned, if any.
+
+        ``planned_each_time``: never a prepared statement on PostgreSQL (see ``_NEVER_PREPARED``).
+        """
+        cursor = self._execute(sql, params, planned_each_time)
         with self._errors:
             return cursor.fetchall() if cursor.description else []
 
@@ -153,6 +157,18 @@ class Runner:
         """Run one statement; how many rows it changed."""
         return self._execute(sql, params).rowcount
 
+
+# Prepared statements (TURTLEMQ_PG_PREPARE_THRESHOLD) end up with a generic
+# plan, made once per connection without the parameters' values and with the
+# table's size at that moment. For "the oldest queued tasks" that is a trap:
+# made while the table was empty (a new deployment), the claim's plan read
+# the whole queue for every task it took (measured: a burst of 5,000 tasks on
+# PostgreSQL ran at 240 tasks/s instead of 600; with statistics of a full
+# queue, it hash-joined a scan of the table instead). Those statements are
+# planned each time, with their values and the table as it is; the parsing and
+# planning cost PostgreSQL about 0.5 ms per batch (measured under W1).
+_NEVER_PREPARED: dict[str, Any] = {"prepare": False}
+_AS_CONFIGURED: dict[str, Any] = {}
 
 # Statements for several rows at once have ``{rows}`` where the VALUES rows go
 # (see _with_rows); VALUES lists name their columns column1, column2, ... on
@@ -184,12 +200,7 @@ _FREE_WORKERS = (
 )
 # The queue look-ups name the state as a literal, not a parameter, so that
 # PostgreSQL can match the partial index of queued tasks (``task_queued_idx``,
-# see ``Task.Meta``) in any plan. They are prepared statements like the rest
-# (TURTLEMQ_PG_PREPARE_THRESHOLD), whose plan is made without the parameters'
-# values: through that index it cannot go wrong, whatever the statistics say
-# (tests/test_hot_path.py checks the generic plans). Planned for every batch
-# instead, the claim cost PostgreSQL more than its execution: measured under
-# W1, 0.5 ms of parsing and planning beside 0.2 ms of execution.
+# see ``Task.Meta``) in any plan.
 IS_QUEUED = f"state = '{QUEUED}'"
 _DUE_TASKS = (
     f"SELECT id, data, timeout FROM {TASK} WHERE {IS_QUEUED} AND (not_before IS NULL OR not_before <= %s)"
@@ -199,10 +210,9 @@ _DUE_TASKS = (
 # PostgreSQL may run it again for each row, and with SKIP LOCKED each run can
 # find other rows, claiming more than asked for. PostgreSQL refuses FOR UPDATE
 # beside a window function, hence the numbering in a CTE of its own. Each
-# worker takes the tasks numbered within its slots (lo to hi). The number of
-# candidates is written into the statement (``{limit}``): as a parameter, the
-# generic plan guessed a tenth of the queue and hash-joined it with a scan of
-# the whole table.
+# worker takes the tasks numbered within its slots (lo to hi); their number
+# is written into the statement (``{limit}``), so that even a plan made
+# without the parameters' values knows how few they are.
 _CLAIM_DUE_FOR = (
     f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE {IS_QUEUED}"
     " AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT {limit}{skip_locked}),"
@@ -325,7 +335,7 @@ class Statements(Runner):
 
     def due_tasks(self, now: datetime, limit: int) -> list[TaskRow]:
         """The oldest QUEUED tasks whose retry backoff (if any) has passed: (id, data, timeout)."""
-        return self.rows(self._due_tasks, (self.time(now), limit))
+        return self.rows(self._due_tasks, (self.time(now), limit), planned_each_time=True)
 
     def claim_due_for(
         self, slots: list[tuple[int, int]], lease_expires_at: datetime | None, now: datetime
@@ -347,7 +357,7 @@ class Statements(Runner):
             hi += count
         statement = _claim_for(self._claim_due_for, len(slots), hi)
         params = (at, *ranges, ASSIGNED, at, self.time(lease_expires_at))
-        rows = self.rows(statement, params)
+        rows = self.rows(statement, params, planned_each_time=True)
         claimed: dict[int, list[TaskRow]] = {}
         for pk, worker_id, data, timeout in sorted(rows):
             claimed.setdefault(worker_id, []).append((pk, data, timeout))

@@ -114,7 +114,8 @@ if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600)}
     # Server-side prepared statements for what runs more than this many times on
     # a connection: the task path's hand-written statements (broker.sql), which
-    # PostgreSQL would otherwise parse and plan for every batch. Django leaves
+    # PostgreSQL would otherwise parse and plan for every batch (except those
+    # that look for the oldest queued tasks: see broker.sql). Django leaves
     # them off by default (they need pgbouncer 1.21+ in transaction pooling);
     # "off" does too.
     _prepare = os.environ.get("TURTLEMQ_PG_PREPARE_THRESHOLD", "5").strip().lower()
