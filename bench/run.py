@@ -2,23 +2,27 @@
 
     python -m bench.run [--duration 5] [--reps 3] [--timeout 30] [--idle 5000] [--note TEXT] [--no-results]
 
-1. TurtleMQ, started here on free loopback ports: the embedded default on daphne
-   and on uvicorn, then PostgreSQL + Redis with two processes (clients and the
-   publisher on the first, workers on the second, subscribers on both), each
-   measured with ``turtlemq bench`` (W1, W2, W3, every result verified); then
-   5,000 idle subscriber connections held on the embedded process of the
+1. Every system is started, each on a free loopback port: TurtleMQ on its
+   stacks (the embedded default on daphne and on uvicorn, PostgreSQL + Redis
+   with two processes: clients and the publisher on the first, workers on the
+   second, subscribers on both) and the references' servers (the bare
+   ``websockets`` relay, the lean in-process Channels relay on each server;
+   RabbitMQ and Celery + Redis use the services already running). A missing
+   service or library skips its row.
+2. W1 and W2 run in ``--reps`` rounds: each round measures every system once,
+   TurtleMQ with ``turtlemq bench`` (every result verified), the references
+   with the shared harness, on the same workloads. The tables show each
+   system's median. On this kind of machine the speed of a core drifts by a
+   fifth, at times by half, within minutes (other machines share the host):
+   measured one system after the other, a ratio compared two machine speeds
+   as much as two brokers, and swung across its goal from run to run. Rounds
+   put every system's repetitions side by side in time, and each round goes
+   through them in the reverse order of the one before. W3, far from its
+   goals and the slowest to repeat, runs once per system after the rounds.
+3. 5,000 idle subscriber connections held on the embedded process of the
    production server, for its resident memory per connection.
-2. The references, with the shared harness on the same workloads: the bare
-   ``websockets`` relay, the lean in-process Channels relay on each server,
-   RabbitMQ, Celery + Redis. A missing service or library skips its row.
-3. The tables (figures, ratios, the issue's targets, memory), printed and
+4. The tables (figures, ratios, the issue's targets, memory), printed and
    appended as a dated section to ``bench/RESULTS.md``.
-
-W1 and W2 run ``--reps`` times in a row and the tables show the medians: on
-this kind of machine the speed of a core drifts by a fifth from one few
-seconds to the next (other machines share the host), and one repetition let
-those ratios swing across their goals from run to run. W3, far from its goals
-and the slowest to repeat, runs once.
 
 A step that would not fit in what is left of the time budget is skipped and
 says so in the table.
@@ -34,6 +38,7 @@ import platform
 import select
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,51 +118,92 @@ def create_topics(stack: Stack) -> str:
     return ""
 
 
-def bench_tool(stack: Stack, options: argparse.Namespace, workloads: str, reps: int) -> dict[str, Any]:
-    """``turtlemq bench --json`` against ``stack``, each workload ``reps`` times; its report."""
+def bench_tool(stack: Stack, options: argparse.Namespace, workload: str) -> dict[str, Any]:
+    """One repetition of ``workload`` with ``turtlemq bench --json`` against ``stack``: its figures."""
     sub_urls = [arg for server in stack.servers for arg in ("--sub-url", server.url)]
     argv = [
-        sys.executable, "-m", "turtlemq_client", "bench", "--json", "--workload", workloads,
+        sys.executable, "-m", "turtlemq_client", "bench", "--json", "--workload", workload,
         "--url", stack.client_url, "--worker-url", stack.worker_url, *sub_urls,
-        "--duration", str(options.duration), "--timeout", str(options.timeout), "--reps", str(reps),
+        "--duration", str(options.duration), "--timeout", str(options.timeout),
     ]  # fmt: skip
     # stderr (the progress bar) goes to the terminal; stdout is the JSON report.
-    limit = reps * (3 * options.timeout + 60) + 60
-    done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=limit)
-    return json.loads(done.stdout)
+    try:
+        done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=3 * options.timeout + 120)
+        entry = json.loads(done.stdout)["workloads"][workload]
+    except (subprocess.SubprocessError, json.JSONDecodeError, KeyError) as exc:
+        return {"ok": False, "error": f"turtlemq bench failed: {exc}"}
+    return entry["reps"][0] | entry["summary"]
 
 
-def measure_turtlemq(stack: Stack, options: argparse.Namespace, key: str, memory: list[Memory]) -> Row:
-    row = Row(key, stack.label, turtlemq=True, server=stack.server)
-    log(f"TurtleMQ, {stack.label}")
-    try:
-        stack.start()
-    except (RuntimeError, OSError) as exc:
-        row.note = f"did not start: {exc}"
-        return row
-    notes: list[str] = []
-    try:
-        topics_missing = create_topics(stack)
-        notes.append(topics_missing)
-        workloads = bench_tool(stack, options, ",".join(REPEATED), options.reps)["workloads"]
-        if not topics_missing:
-            workloads |= bench_tool(stack, options, "W3", 1)["workloads"]
-        for workload, entry in workloads.items():
-            summary = entry["reps"][0] | entry["summary"]
-            row.figures[workload] = summary
-            if not summary.get("ok"):
-                notes.append(f"{workload}: {summary.get('error') or summary.get('first_error')}")
-        if options.idle and len(stack.servers) == 1 and stack.server == options.production:
-            try:
-                memory.append(measure_idle(stack, options.idle))
-            except (RuntimeError, TimeoutError) as exc:
-                notes.append(f"idle connections: {exc}")
-    except (subprocess.SubprocessError, json.JSONDecodeError, RuntimeError, TimeoutError) as exc:
-        notes.append(f"failed: {exc}")
-    finally:
-        row.note = "; ".join(note for note in notes if note)
-        stack.stop()
-    return row
+class Contender:
+    """A system measured in rounds (see the module's docstring): started once, then one repetition at a time."""
+
+    def __init__(self, row: Row, workloads: tuple[str, ...]) -> None:
+        self.row = row
+        self.workloads = workloads
+        self.results: dict[str, list[dict[str, Any]]] = {}
+        self.notes: list[str] = []
+
+    def start(self) -> None:
+        """Start what must run (raise RuntimeError or OSError when it does not)."""
+
+    def stop(self) -> None:
+        """Stop what ``start`` started."""
+
+    def once(self, workload: str, options: argparse.Namespace) -> dict[str, Any]:
+        """One repetition of ``workload``: its figures, or ``{"ok": False, "error": why}``."""
+        raise NotImplementedError
+
+    def measure(self, workload: str, options: argparse.Namespace) -> None:
+        self.results.setdefault(workload, []).append(self.once(workload, options))
+
+    def finish(self) -> Row:
+        """The row: each workload's median over its repetitions, the notes."""
+        for workload, reps in self.results.items():
+            self.row.figures[workload] = median_figures(reps)
+            errors = [rep["error"] for rep in reps if rep.get("error")]
+            if errors:
+                self.notes.append(f"{workload}: {errors[0]}")
+        self.row.note = "; ".join(note for note in [self.row.note, *self.notes] if note)
+        return self.row
+
+
+def median_figures(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several repetitions: the median of each figure; verified only if every one was."""
+    summary: dict[str, Any] = {}
+    for key in {key for rep in reps for key, value in rep.items() if isinstance(value, int | float)}:
+        values = [rep[key] for rep in reps if isinstance(rep.get(key), int | float) and not isinstance(rep[key], bool)]
+        if values:
+            summary[key] = statistics.median(values)
+    summary["ok"] = bool(reps) and all(rep.get("ok", rep.get("all_ok", True)) for rep in reps)
+    summary["timed_out"] = any(rep.get("timed_out") for rep in reps)
+    errors = [rep["error"] for rep in reps if rep.get("error")]
+    if errors:
+        summary["error"] = errors[0]
+    return summary
+
+
+class TurtleMQ(Contender):
+    """A TurtleMQ stack, measured with ``turtlemq bench``."""
+
+    def __init__(self, stack: Stack, key: str) -> None:
+        super().__init__(Row(key, stack.label, turtlemq=True, server=stack.server), ("W1", "W2", "W3"))
+        self.stack = stack
+
+    def start(self) -> None:
+        log(f"starting TurtleMQ, {self.stack.label}")
+        self.stack.start()
+        topics_missing = create_topics(self.stack)
+        if topics_missing:
+            self.notes.append(topics_missing)
+            self.workloads = REPEATED
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+    def once(self, workload: str, options: argparse.Namespace) -> dict[str, Any]:
+        log(f"{workload}, TurtleMQ, {self.stack.label}")
+        return bench_tool(self.stack, options, workload)
 
 
 def measure_idle(stack: Stack, count: int) -> Memory:
@@ -228,31 +274,34 @@ def reference_list(workdir: Path, servers: list[str]) -> list[tuple[references.R
     return entries
 
 
-def measure_reference(reference: references.Reference, row: Row, options: argparse.Namespace, budget: Budget) -> None:
-    log(f"reference: {row.label}")
-    if reference.server is not None:
-        try:
-            reference.server.launch()
-            reference.server.wait_ready()
-            reference.url = reference.server.url
-        except (RuntimeError, OSError) as exc:
-            reference.server.stop()
-            row.note = f"did not start: {exc}"
-            return
-    try:
-        for workload in reference.workloads:
-            reps = options.reps if workload in REPEATED else 1
-            if not budget.allows(reps * (options.duration + 8) + 15):
-                row.note = "some workloads skipped: time budget"
-                break
-            row.figures[workload] = references.run_harness(
-                reference, workload, vars(options) | {"reps": reps}, options.workdir / "harness.jsonl"
-            )
-    finally:
-        if reference.server is not None:
-            reference.server.stop()
-    errors = [f"{w}: {s['error']}" for w, s in row.figures.items() if s.get("error")]
-    row.note = "; ".join([row.note, *errors]).strip("; ")
+class Reference(Contender):
+    """A reference, measured with the shared harness."""
+
+    def __init__(self, reference: references.Reference, row: Row) -> None:
+        super().__init__(row, reference.workloads)
+        self.reference = reference
+
+    def start(self) -> None:
+        server = self.reference.server
+        if server is not None:
+            log(f"starting {self.row.label}")
+            try:
+                server.launch()
+                server.wait_ready()
+            except (RuntimeError, OSError):
+                server.stop()
+                raise
+            self.reference.url = server.url
+
+    def stop(self) -> None:
+        if self.reference.server is not None:
+            self.reference.server.stop()
+
+    def once(self, workload: str, options: argparse.Namespace) -> dict[str, Any]:
+        log(f"{workload}, {self.row.label}")
+        return references.run_harness(
+            self.reference, workload, vars(options) | {"reps": 1}, options.workdir / "harness.jsonl"
+        )
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -286,7 +335,7 @@ def section(options: argparse.Namespace, started: datetime.datetime, load_before
     note = options.note or ""
     repetitions = "one repetition each"
     if options.reps != 1:
-        repetitions = f"W1 and W2 the median of {options.reps} repetitions, W3 one"
+        repetitions = f"W1 and W2 the median of {options.reps} rounds through every system, W3 one"
     return f"""
 ## {started:%Y-%m-%d %H:%M} UTC: `make bench`
 
@@ -298,6 +347,33 @@ def section(options: argparse.Namespace, started: datetime.datetime, load_before
 
 {body}
 """
+
+
+def run_rounds(contenders: list[Contender], options: argparse.Namespace, budget: Budget) -> None:
+    """Every contender's workloads: ``REPEATED`` ones in ``--reps`` rounds, each round once through all, then W3.
+
+    A round goes through the contenders in one order, the next in the
+    reverse one, so that a drift of the machine's speed meets them alike.
+    """
+    estimate = options.duration + 8
+    for round_number in range(options.reps):
+        order = contenders if round_number % 2 == 0 else contenders[::-1]
+        for contender in order:
+            for workload in REPEATED:
+                if workload not in contender.workloads:
+                    continue
+                if not budget.allows(estimate + options.timeout):
+                    contender.notes.append(f"{workload}: some repetitions skipped (time budget)")
+                    continue
+                contender.measure(workload, options)
+    for contender in contenders:
+        for workload in contender.workloads:
+            if workload in REPEATED:
+                continue
+            if not budget.allows(options.timeout + 15):
+                contender.notes.append(f"{workload} skipped: time budget")
+                continue
+            contender.measure(workload, options)
 
 
 def main() -> None:
@@ -321,38 +397,46 @@ def main() -> None:
     load_before = load_average()
     options.workdir = Path(tempfile.mkdtemp(prefix="turtlemq-bench-"))
     log(f"logs in {options.workdir}")
-    rows: list[Row] = []
+    entries: list[Row | Contender] = []  # in the tables' order: rows of what is skipped, and contenders
     memory: list[Memory] = []
+    production = options.production = report.PRODUCTION_SERVER if report.PRODUCTION_SERVER in servers else servers[-1]
+    running: list[Contender] = []
     try:
-        stack_estimate = 40 + options.reps * (options.duration + 8) + 2 * options.timeout
         plans = [
             (f"turtlemq-embedded-{server}", lambda server=server: embedded_stack(options.workdir, server))
             for server in servers
         ]
-        production = options.production = (
-            report.PRODUCTION_SERVER if report.PRODUCTION_SERVER in servers else servers[-1]
-        )
         plans.append(
             (f"turtlemq-postgres-redis-{production}", lambda: postgres_redis_stack(options.workdir, production))
         )
         for key, make in plans:
-            if not budget.allows(stack_estimate):
-                rows.append(Row(key, key.removeprefix("turtlemq-"), turtlemq=True, note="skipped: time budget"))
-                continue
             try:
-                stack = make()
+                entries.append(TurtleMQ(make(), key))
             except Unavailable as exc:
-                rows.append(Row(key, key.removeprefix("turtlemq-"), turtlemq=True, note=f"skipped: {exc}"))
-                continue
-            rows.append(measure_turtlemq(stack, options, key, memory))
+                entries.append(Row(key, key.removeprefix("turtlemq-"), turtlemq=True, note=f"skipped: {exc}"))
         if not options.no_references:
             for reference, row in reference_list(options.workdir, servers):
-                if reference is not None:
-                    measure_reference(reference, row, options, budget)
-                rows.append(row)
+                entries.append(row if reference is None else Reference(reference, row))
+        contenders = [entry for entry in entries if isinstance(entry, Contender)]
+        for contender in contenders:
+            try:
+                contender.start()
+                running.append(contender)
+            except (RuntimeError, OSError) as exc:
+                contender.notes.append(f"did not start: {exc}")
+        run_rounds(running, options, budget)
+        idle = [c for c in running if isinstance(c, TurtleMQ) and c.row.key == f"turtlemq-embedded-{production}"]
+        if options.idle and idle:
+            try:
+                memory.append(measure_idle(idle[0].stack, options.idle))
+            except (RuntimeError, TimeoutError) as exc:
+                idle[0].notes.append(f"idle connections: {exc}")
     finally:
+        for contender in running:
+            contender.stop()
         if not options.keep_logs:
             shutil.rmtree(options.workdir, ignore_errors=True)
+    rows = [entry.finish() if isinstance(entry, Contender) else entry for entry in entries]
     body = "\n\n".join(
         [
             report.figures_table(rows),

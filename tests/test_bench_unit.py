@@ -5,6 +5,7 @@ The brokers here are tiny in-test WebSocket servers that break one rule each.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -14,6 +15,8 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.report import Row
+from bench.run import Budget, Contender, median_figures, run_rounds
 from turtlemq_client.bench import percentile, summarize
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -94,3 +97,55 @@ def test_percentiles_are_the_harness_nearest_rank() -> None:
 def test_summary_is_the_median_and_fails_when_one_repetition_failed() -> None:
     reps = [{"tasks_per_s": 10.0, "ok": True}, {"tasks_per_s": 30.0, "ok": True}, {"ok": False, "error": "boom"}]
     assert summarize("W2", reps) == {"tasks_per_s": 20.0, "ok": False, "error": "boom"}
+
+
+# --- make bench: rounds through every system (bench/run.py) ------------------------------------
+
+
+class RecordingContender(Contender):
+    """A contender that answers at once and writes down when it was measured."""
+
+    def __init__(self, name: str, calls: list[tuple[str, str]], workloads=("W1", "W2", "W3")) -> None:
+        super().__init__(Row(name, name), workloads)
+        self.calls = calls
+
+    def once(self, workload: str, options: argparse.Namespace) -> dict[str, Any]:
+        self.calls.append((self.row.key, workload))
+        return {"rt_per_s": float(len(self.calls)), "ok": True}
+
+
+def test_make_bench_measures_every_system_once_per_round_in_alternating_order_then_w3() -> None:
+    calls: list[tuple[str, str]] = []
+    contenders = [RecordingContender("a", calls), RecordingContender("b", calls, workloads=("W1", "W2"))]
+    options = argparse.Namespace(reps=2, duration=1.0, timeout=1.0)
+
+    run_rounds(contenders, options, Budget(3600))
+
+    assert calls == [
+        ("a", "W1"), ("a", "W2"), ("b", "W1"), ("b", "W2"),  # round 1
+        ("b", "W1"), ("b", "W2"), ("a", "W1"), ("a", "W2"),  # round 2, the other way round
+        ("a", "W3"),  # once, after the rounds; b has none
+    ]  # fmt: skip
+
+
+def test_make_bench_skips_what_the_time_budget_leaves_no_room_for_and_says_so() -> None:
+    calls: list[tuple[str, str]] = []
+    contender = RecordingContender("a", calls)
+
+    run_rounds([contender], argparse.Namespace(reps=3, duration=5.0, timeout=30.0), Budget(0))
+
+    assert calls == []
+    assert "W1: some repetitions skipped (time budget)" in contender.notes
+    assert "W3 skipped: time budget" in contender.notes
+
+
+def test_make_bench_shows_the_median_of_the_rounds_verified_only_if_every_round_was() -> None:
+    reps = [
+        {"rt_per_s": 100.0, "p99_ms": 9.0, "ok": True},
+        {"rt_per_s": 300.0, "p99_ms": 3.0, "ok": True},
+        {"rt_per_s": 200.0, "p99_ms": 5.0, "all_ok": False, "error": "3 errors"},
+    ]
+    assert median_figures(reps) == {
+        "rt_per_s": 200.0, "p99_ms": 5.0, "ok": False, "timed_out": False, "error": "3 errors"
+    }  # fmt: skip
+    assert median_figures(reps[:2])["ok"] is True
