@@ -200,7 +200,7 @@ _FREE_WORKERS = (
 )
 # The queue look-ups name the state as a literal, not a parameter, so that
 # PostgreSQL can match the partial index of queued tasks (``task_queued_idx``,
-# see ``Task.Meta``) in any plan.
+# see ``Task.Meta``) in any plan, generic or not.
 IS_QUEUED = f"state = '{QUEUED}'"
 _DUE_TASKS = (
     f"SELECT id, data, timeout FROM {TASK} WHERE {IS_QUEUED} AND (not_before IS NULL OR not_before <= %s)"
@@ -210,17 +210,15 @@ _DUE_TASKS = (
 # PostgreSQL may run it again for each row, and with SKIP LOCKED each run can
 # find other rows, claiming more than asked for. PostgreSQL refuses FOR UPDATE
 # beside a window function, hence the numbering in a CTE of its own. Each
-# worker takes the tasks numbered within its slots (lo to hi); their number
-# is written into the statement (``{limit}``), so that even a plan made
-# without the parameters' values knows how few they are.
+# worker takes the tasks numbered within its slots (lo to hi).
 _CLAIM_DUE_FOR = (
     f"WITH due AS MATERIALIZED (SELECT id FROM {TASK} WHERE {IS_QUEUED}"
-    " AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT {limit}{skip_locked}),"
+    " AND (not_before IS NULL OR not_before <= %s) ORDER BY id LIMIT %s{skip_locked}),"
     " numbered AS (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM due),"
     " slots (worker_id, lo, hi) AS (VALUES {rows})"
     f" UPDATE {TASK} SET state = %s, worker_id = slots.worker_id, assigned_at = %s, attempts = attempts + 1,"
     " lease_expires_at = %s FROM numbered JOIN slots ON numbered.n BETWEEN slots.lo AND slots.hi"
-    f" WHERE {TASK}.id = numbered.id AND {TASK}.{IS_QUEUED}"
+    f" WHERE {TASK}.id = numbered.id AND {TASK}.state = %s"
     f" RETURNING {TASK}.id, {TASK}.worker_id, {TASK}.data, {TASK}.timeout"
 )
 _HELD = f"SELECT id, data FROM {TASK} WHERE worker_id = %s AND state = %s ORDER BY id"
@@ -251,12 +249,6 @@ _LOCKING = {
 def _with_rows(statement: str, row: str, count: int) -> str:
     """``statement`` with ``{rows}`` replaced by ``count`` copies of the placeholders of ``row``."""
     return statement.replace("{rows}", ", ".join([row] * count))
-
-
-@functools.lru_cache(maxsize=256)
-def _claim_for(statement: str, workers: int, limit: int) -> str:
-    """The claim ``statement`` for ``workers`` rows of slots and ``limit`` candidates (an int, never user input)."""
-    return _with_rows(statement, "(%s, %s, %s)", workers).replace("{limit}", str(int(limit)))
 
 
 class Statements(Runner):
@@ -355,8 +347,8 @@ class Statements(Runner):
         for worker_id, count in slots:
             ranges += (worker_id, hi + 1, hi + count)
             hi += count
-        statement = _claim_for(self._claim_due_for, len(slots), hi)
-        params = (at, *ranges, ASSIGNED, at, self.time(lease_expires_at))
+        statement = _with_rows(self._claim_due_for, "(%s, %s, %s)", len(slots))
+        params = (at, hi, *ranges, ASSIGNED, at, self.time(lease_expires_at), QUEUED)
         rows = self.rows(statement, params, planned_each_time=True)
         claimed: dict[int, list[TaskRow]] = {}
         for pk, worker_id, data, timeout in sorted(rows):
