@@ -171,16 +171,18 @@ class Contender:
 def median_figures(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary of several repetitions: the median of each figure; verified only if every one was."""
     summary: dict[str, Any] = {}
-    for key in {key for rep in reps for key, value in rep.items() if isinstance(value, int | float)}:
-        values = [rep[key] for rep in reps if isinstance(rep.get(key), int | float) and not isinstance(rep[key], bool)]
-        if values:
-            summary[key] = statistics.median(values)
+    for key in {key for rep in reps for key, value in rep.items() if _is_figure(value)}:
+        summary[key] = statistics.median(rep[key] for rep in reps if _is_figure(rep.get(key)))
     summary["ok"] = bool(reps) and all(rep.get("ok", rep.get("all_ok", True)) for rep in reps)
     summary["timed_out"] = any(rep.get("timed_out") for rep in reps)
     errors = [rep["error"] for rep in reps if rep.get("error")]
     if errors:
         summary["error"] = errors[0]
     return summary
+
+
+def _is_figure(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class TurtleMQ(Contender):
@@ -400,7 +402,7 @@ def main() -> None:
     entries: list[Row | Contender] = []  # in the tables' order: rows of what is skipped, and contenders
     memory: list[Memory] = []
     production = options.production = report.PRODUCTION_SERVER if report.PRODUCTION_SERVER in servers else servers[-1]
-    running: list[Contender] = []
+    running: list[Contender] = []  # those that started
     try:
         plans = [
             (f"turtlemq-embedded-{server}", lambda server=server: embedded_stack(options.workdir, server))
@@ -432,8 +434,9 @@ def main() -> None:
             except (RuntimeError, TimeoutError) as exc:
                 idle[0].notes.append(f"idle connections: {exc}")
     finally:
-        for contender in running:
-            contender.stop()
+        for entry in entries:  # also those that never started: a stack's database is made with it
+            if isinstance(entry, Contender):
+                entry.stop()
         if not options.keep_logs:
             shutil.rmtree(options.workdir, ignore_errors=True)
     rows = [entry.finish() if isinstance(entry, Contender) else entry for entry in entries]

@@ -20,7 +20,7 @@ from django.db import OperationalError
 
 from broker import commits, dispatch
 from broker.dispatch import Complete, Fail, MarkDelivered, Release, Submit, UnknownTask
-from broker.models import Task
+from broker.models import Connection, Task
 from tests.communicators import wait_until
 
 
@@ -177,6 +177,29 @@ def test_workers_freed_in_one_batch_take_the_oldest_tasks_in_the_order_they_free
         ("worker.a", "queued 1"),
         ("worker.b", "queued 2"),
     ]
+
+
+@pytest.mark.django_db
+def test_workers_that_freed_more_slots_than_tasks_are_queued_get_what_there_is_and_give_the_rest_back():
+    process_id = new_process()
+    two_slots, one_slot = worker(process_id, "a", concurrency=2), worker(process_id, "b")
+    held: dict[str, list[str]] = {}
+    for n in range(3):
+        for assignment in dispatch.submit_task("c", None, f"h{n}", "h").assignments:
+            held.setdefault(assignment.worker_channel, []).append(assignment.task_id)
+    dispatch.submit_task("c", None, "q0", "the only queued task")
+
+    completions = [Complete(two_slots, "worker.a", task_id, "done") for task_id in held["worker.a"]]
+    completions += [Complete(one_slot, "worker.b", task_id, "done") for task_id in held["worker.b"]]
+    errors, effects = dispatch.run_batch(completions)
+
+    assert errors == [None, None, None]
+    assert [(a.worker_channel, a.data) for a in effects.assignments] == [("worker.a", "the only queued task")]
+    assert dict(Connection.objects.filter(pk__in=[two_slots, one_slot]).values_list("pk", "in_flight")) == {
+        two_slots: 1,
+        one_slot: 0,
+    }
+    assert states()["q0"] == Task.State.ASSIGNED
 
 
 @pytest.mark.django_db
