@@ -70,6 +70,7 @@ from .protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from .embedded import LoopConnection
+    from .postgres import PipelinedConnection
 
 logger = logging.getLogger("turtlemq.broker")
 
@@ -455,10 +456,11 @@ class Operation:
     so that a refused operation leaves the rest of its batch untouched.
     """
 
-    # Whether it needs nothing but ``batch.sql``, so that its batch may run on
-    # the event loop's own SQLite connection (``broker.embedded``); else its
-    # batch takes Django's connection in the database thread.
-    on_loop: ClassVar[bool] = False
+    # Whether it needs nothing but ``batch.sql``, so that its batch may run in
+    # a transaction of its own on the event loop's SQLite connection
+    # (``broker.embedded``), or on Django's PostgreSQL connection in fewer round
+    # trips (``broker.postgres``); else its batch takes Django's transactions.
+    sql_only: ClassVar[bool] = False
 
     def gathered(self) -> bool:
         """Whether its statement waits for the batch's :meth:`Batch.flush` (nothing runs before that reads it)."""
@@ -487,7 +489,7 @@ class Submit(Operation):
     timeout: float | None = None
     max_attempts: int | None = None
     unanswered: int = 0
-    on_loop: ClassVar[bool] = True
+    sql_only: ClassVar[bool] = True
 
     def gathered(self) -> bool:
         return self.client_id is None  # a clientId's tasks are looked up first, one submit at a time
@@ -555,7 +557,7 @@ class Complete(Operation):
     worker_channel: str
     task_id: str
     result: str
-    on_loop: ClassVar[bool] = True
+    sql_only: ClassVar[bool] = True
 
     def gathered(self) -> bool:
         return True
@@ -606,7 +608,7 @@ class MarkDelivered(Operation):
     """The outcomes of these tasks were sent to their clients."""
 
     task_ids: list[int]
-    on_loop: ClassVar[bool] = True
+    sql_only: ClassVar[bool] = True
 
     def gathered(self) -> bool:
         return True  # recorded in Batch.finish
@@ -627,18 +629,25 @@ class Release(Operation):
             batch.assign_round = True
 
 
-def run_batch(operations: Sequence[Operation]) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+def run_batch(
+    operations: Sequence[Operation], pipelined: PipelinedConnection | None = None
+) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
     """Run ``operations`` in one transaction: each one's error (None if it went through), and the effects.
 
     Should the transaction fail as a whole (a deadlock between broker
     processes on PostgreSQL, say), each operation runs again on its own, so
-    that only the one at fault reports an error.
+    that only the one at fault reports an error. ``pipelined``: operations that
+    are all ``sql_only`` try their transaction there first (``broker.postgres``);
+    the runs one by one take Django's transactions, where every statement
+    answers at once, so that an error is told to the operation that made it.
     """
     try:
-        return _run_together(operations)
+        return _run_together(operations, pipelined)
     except DatabaseError:
         if len(operations) == 1:
-            raise
+            if pipelined is None:
+                raise
+            return _run_together(operations)  # again in Django's transaction, which raises its error
         logger.warning("a batch of %s operations failed; running them one by one", len(operations), exc_info=True)
     errors: list[ProtocolError | DatabaseError | None] = []
     effects = Effects()
@@ -656,7 +665,7 @@ def run_batch(operations: Sequence[Operation]) -> tuple[list[ProtocolError | Dat
 def run_batch_on_loop(
     operations: Sequence[Operation], connection: LoopConnection
 ) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
-    """Run operations that are all ``on_loop`` in one transaction on an event loop's SQLite connection.
+    """Run operations that are all ``sql_only`` in one transaction on an event loop's SQLite connection.
 
     Raises :class:`~broker.embedded.Busy` (having changed nothing) while
     another connection writes, and any database error after rolling back the
@@ -666,10 +675,10 @@ def run_batch_on_loop(
 
 
 def _run_together(
-    operations: Sequence[Operation], loop_connection: LoopConnection | None = None
+    operations: Sequence[Operation], own_connection: LoopConnection | PipelinedConnection | None = None
 ) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
-    with transaction.atomic() if loop_connection is None else loop_connection.transaction():
-        batch = Batch(timezone.now(), sql.Statements(loop_connection))
+    with transaction.atomic() if own_connection is None else own_connection.transaction():
+        batch = Batch(timezone.now(), sql.Statements(own_connection))
         for position, operation in enumerate(operations):
             batch.position = position
             if not operation.gathered():

@@ -41,6 +41,9 @@ from .models import Connection, Task
 
 if TYPE_CHECKING:
     from .embedded import LoopConnection
+    from .postgres import PipelinedConnection
+
+    OwnConnection = LoopConnection | PipelinedConnection
 
 TASK = Task._meta.db_table
 CONNECTION = Connection._meta.db_table
@@ -71,8 +74,10 @@ def _placeholders(count: int) -> str:
 class Runner:
     """Runs hand-written statements (``%s`` placeholders) on a connection's driver cursor.
 
-    The connection is Django's default one, or an event loop's own SQLite
-    connection (``broker.embedded``). Made inside a transaction (which
+    The connection is Django's default one, or one that runs transactions of
+    its own: an event loop's SQLite connection (``broker.embedded``), Django's
+    PostgreSQL connection in fewer round trips (``broker.postgres``). Made
+    inside a transaction (which
     guarantees an open connection), used for that transaction only. It still
     honours what instruments Django's cursors: execute wrappers (such as the
     statement counter of ``tests/test_hot_path.py``) wrap each statement, and
@@ -80,17 +85,17 @@ class Runner:
     own logging cursor runs them.
     """
 
-    def __init__(self, loop_connection: LoopConnection | None = None) -> None:
-        db: Any = loop_connection or connections[DEFAULT_DB_ALIAS]
+    def __init__(self, own_connection: OwnConnection | None = None) -> None:
+        db: Any = own_connection or connections[DEFAULT_DB_ALIAS]
         self._db = db
-        self._loop_connection = loop_connection
-        self.on_loop = loop_connection is not None  # on an event loop's own SQLite connection (broker.embedded)
+        self._own_connection = own_connection
         self.sqlite = db.vendor == "sqlite"
+        self.on_loop = own_connection is not None and self.sqlite  # an event loop's SQLite connection
         # On PostgreSQL, rows that another broker process has locked are skipped, not waited for.
         self.skip_locked = "" if self.sqlite else SKIP_LOCKED
         self._wrappers = tuple(reversed(db.execute_wrappers))
-        if loop_connection is not None:
-            self._cursor = loop_connection.cursor
+        if own_connection is not None:
+            self._cursor = own_connection.cursor
         elif db.queries_logged:
             self._cursor = None
         elif self.sqlite:
@@ -105,8 +110,8 @@ class Runner:
 
     def savepoint(self) -> contextlib.AbstractContextManager[None]:
         """A nested transaction: an error inside it undoes only what it did (on PostgreSQL, not the batch)."""
-        if self._loop_connection is not None:
-            return self._loop_connection.savepoint()
+        if self._own_connection is not None:
+            return self._own_connection.savepoint()
         return transaction.atomic()
 
     def time(self, value: datetime | None) -> Any:
@@ -123,7 +128,7 @@ class Runner:
             adapted = self._times[value] = self._db.ops.adapt_datetimefield_value(value)
         return adapted
 
-    def _execute(self, sql: str, params: Sequence[Any], planned_each_time: bool = False) -> Any:
+    def _execute(self, sql: str, params: Sequence[Any], planned_each_time: bool = False, later: bool = False) -> Any:
         cursor = self._cursor
         if cursor is None:
             cursor = self._db.cursor()
@@ -131,13 +136,15 @@ class Runner:
             return cursor
         native = _sqlite_form(sql) if self.sqlite else sql
         options = _NEVER_PREPARED if planned_each_time and not self.sqlite else _AS_CONFIGURED
+        # Only broker.postgres's cursor sends statements ahead; any other runs them now.
+        run = getattr(cursor, "execute_later", cursor.execute) if later else cursor.execute
         with self._errors:
             if not self._wrappers:
-                cursor.execute(native, params, **options)
+                run(native, params, **options)
                 return cursor
 
             def execute(sql: str, params: Sequence[Any], many: bool, context: dict[str, Any]) -> Any:
-                return context["cursor"].execute(native, params, **options)
+                return run(native, params, **options)
 
             for wrapper in self._wrappers:
                 execute = functools.partial(wrapper, execute)
@@ -156,6 +163,10 @@ class Runner:
     def count(self, sql: str, params: Sequence[Any]) -> int:
         """Run one statement; how many rows it changed."""
         return self._execute(sql, params).rowcount
+
+    def run_later(self, sql: str, params: Sequence[Any]) -> None:
+        """Run one statement whose outcome nobody reads: it may travel with the next one (``broker.postgres``)."""
+        self._execute(sql, params, later=True)
 
 
 # Prepared statements (TURTLEMQ_PG_PREPARE_THRESHOLD) end up with a generic
@@ -254,8 +265,8 @@ def _with_rows(statement: str, row: str, count: int) -> str:
 class Statements(Runner):
     """The statements of the task path, for one transaction."""
 
-    def __init__(self, loop_connection: LoopConnection | None = None) -> None:
-        super().__init__(loop_connection)
+    def __init__(self, own_connection: OwnConnection | None = None) -> None:
+        super().__init__(own_connection)
         self._claim_due_for, self._free_workers, self._due_tasks = _LOCKING[self.skip_locked]
 
     def insert_tasks(self, tasks: list[NewTask], now: datetime) -> None:
@@ -266,7 +277,7 @@ class Statements(Runner):
             params: list[Any] = []
             for message_id, client_id, reply_channel, data, timeout, max_attempts in chunk:
                 params += (message_id, client_id, reply_channel, data, QUEUED, max_attempts, timeout, at)
-            self.count(_with_rows(_INSERT_TASKS, _INSERT_ROW, len(chunk)), params)
+            self.run_later(_with_rows(_INSERT_TASKS, _INSERT_ROW, len(chunk)), params)
 
     def client_task_counts(self, client_id: str, message_id: str) -> tuple[int, int]:
         """For one ``clientId``: tasks with this ``messageId`` (0 or 1), and unfinished tasks.
@@ -375,7 +386,7 @@ class Statements(Runner):
         return claimed
 
     def set_lease(self, task_id: int, lease_expires_at: datetime | None) -> None:
-        self.count(_SET_LEASE, (self.time(lease_expires_at), task_id))
+        self.run_later(_SET_LEASE, (self.time(lease_expires_at), task_id))
 
     def take_slots(self, worker_id: int, count: int, now: datetime) -> bool:
         """Compare-and-set: count ``count`` more tasks on a live worker if its concurrency allows."""
@@ -383,7 +394,7 @@ class Statements(Runner):
 
     def give_back_slots(self, worker_id: int, count: int, now: datetime) -> None:
         """The worker holds ``count`` fewer tasks (never below zero); it is idle from ``now``."""
-        self.count(_GIVE_BACK_SLOTS, (count, count, self.time(now), worker_id))
+        self.run_later(_GIVE_BACK_SLOTS, (count, count, self.time(now), worker_id))
 
     def claim_tasks(
         self, task_ids: list[int], worker_id: int, lease_expires_at: datetime | None, now: datetime
@@ -402,7 +413,7 @@ class Statements(Runner):
         at = self.time(now)
         for start in range(0, len(task_ids), IDS_PER_STATEMENT):
             chunk = task_ids[start : start + IDS_PER_STATEMENT]
-            self.count(
+            self.run_later(
                 f"UPDATE {TASK} SET delivered_at = %s"
                 f" WHERE id IN ({_placeholders(len(chunk))}) AND delivered_at IS NULL",
                 (at, *chunk),

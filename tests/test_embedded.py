@@ -105,7 +105,7 @@ async def test_a_batch_that_cannot_open_the_loops_connection_takes_the_database_
 class FailsOnTheLoop(dispatch.Operation):
     """Stores a task, then fails, but only on the event loop's connection."""
 
-    on_loop = True
+    sql_only = True
 
     def apply(self, batch: dispatch.Batch) -> None:
         batch.sql.insert_tasks([("marker", None, "client.a", "x", None, 1)], batch.now)

@@ -233,6 +233,10 @@ TURTLEMQ_SHUTDOWN_GRACE = env_float("TURTLEMQ_SHUTDOWN_GRACE", 5.0)
 # connection of its own, instead of handing each to the database thread
 # (broker.embedded). Off: every batch takes the thread, as on PostgreSQL.
 TURTLEMQ_SQLITE_ON_LOOP = env_bool("TURTLEMQ_SQLITE_ON_LOOP", True)
+# PostgreSQL only: batches of task operations begin their transaction with
+# their first statement, and send statements nobody reads ahead with the next
+# one (broker.postgres). Off: every batch in Django's transactions.
+TURTLEMQ_PG_PIPELINE = env_bool("TURTLEMQ_PG_PIPELINE", True)
 
 # --- Access control and limits (broker.access, broker.ratelimit) -------------
 
