@@ -77,15 +77,17 @@ def test_a_batch_of_submissions_for_busy_workers_takes_two_round_trips(round_tri
     assert Task.objects.get(pk=delivered).delivered_at is not None
 
 
-def test_a_completion_and_the_next_task_for_its_worker_commit_together():
+def test_a_completion_and_the_next_task_for_its_worker_commit_together_in_three_round_trips(round_trips):
     worker_id, held = busy_worker()
     dispatch.submit_task("client.a", None, "next", "y")
 
+    round_trips.clear()
     errors, effects = dispatch.run_batch(
         [Complete(worker_id, "worker.busy", held, "X")], postgres.pipelined(connection)
     )
 
     assert errors == [None]
+    assert len(round_trips) == 3, round_trips  # BEGIN with the completion, the refill, the COMMIT
     assert [(outcome.message_id, outcome.data) for outcome in effects.outcomes] == [("held", "X")]
     assert [assignment.data for assignment in effects.assignments] == ["y"]
     assert dict(Task.objects.values_list("message_id", "state")) == {"held": "done", "next": "assigned"}
