@@ -268,6 +268,12 @@ class ServiceMissing(RuntimeError):
     """PostgreSQL or Redis is not reachable."""
 
 
+# The PostgreSQL stacks run as in production: DEBUG off (Django logs no queries, so task
+# batches take broker.postgres's way, as they do in production), access control off unless
+# a test turns it on (as DEBUG would have it).
+PRODUCTION_LIKE = {"DEBUG": "0", "SECRET_KEY": "turtlemq-e2e-not-secret", "TURTLEMQ_AUTH": "0"}
+
+
 @contextlib.contextmanager
 def postgres_redis_env(extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """Broker environment on a fresh, migrated PostgreSQL database and a Redis prefix of its own.
@@ -289,7 +295,8 @@ def postgres_redis_env(extra_env: dict[str, str] | None = None) -> Iterator[dict
             raise ServiceMissing(f"Redis ({REDIS_URL})") from None
         name = f"turtlemq_e2e_{uuid.uuid4().hex[:12]}"
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_migrated_postgres_template()}"')
-        env = _base_env() | {"DATABASE_URL": _postgres_url(name), "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
+        env = _base_env() | PRODUCTION_LIKE
+        env |= {"DATABASE_URL": _postgres_url(name), "REDIS_URL": REDIS_URL, "TURTLEMQ_REDIS_PREFIX": name}
         try:
             yield env | (extra_env or {})
         finally:
