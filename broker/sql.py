@@ -77,12 +77,12 @@ class Runner:
     The connection is Django's default one, or one that runs transactions of
     its own: an event loop's SQLite connection (``broker.embedded``), Django's
     PostgreSQL connection in fewer round trips (``broker.postgres``). Made
-    inside a transaction (which
-    guarantees an open connection), used for that transaction only. It still
-    honours what instruments Django's cursors: execute wrappers (such as the
-    statement counter of ``tests/test_hot_path.py``) wrap each statement, and
-    while queries are being logged (DEBUG, ``CaptureQueriesContext``) Django's
-    own logging cursor runs them.
+    inside a transaction (which guarantees an open connection), used for that
+    transaction only. It still honours what instruments Django's cursors:
+    execute wrappers (such as the statement counter of
+    ``tests/test_hot_path.py``) wrap each statement, and while queries are
+    being logged (DEBUG, ``CaptureQueriesContext``) Django's own logging cursor
+    runs them.
     """
 
     def __init__(self, own_connection: OwnConnection | None = None) -> None:
