@@ -25,9 +25,14 @@ means that outcome is offered again (on resume, or by the reaper).
 
 With SQLite, a batch of operations that need only hand-written statements
 runs right here on the event loop, on a connection of the loop's own, with no
-hop at all (``broker.embedded``); any other batch, and every batch on
-PostgreSQL, goes to the database thread. There, on PostgreSQL, such a batch
-runs in a transaction of its own that saves round trips (``broker.postgres``).
+hop at all (``broker.embedded``). With PostgreSQL, a batch that can be written
+out whole before it runs (``dispatch.BatchScript``: submissions without a
+``clientId``, completions, delivery marks) goes from the event loop in one
+round trip, on a connection of the loop's own (``broker.pgloop``). Any other
+batch goes to the database thread; there, on PostgreSQL, a batch of
+hand-written statements runs in a transaction that saves round trips
+(``broker.postgres``). A batch that fails on the loop is run again in the
+thread, where each operation's error reaches that operation.
 
 The hop to the database thread is made here rather than through
 ``database_sync_to_async``: a batch needs none of what that wrapper carries
@@ -49,7 +54,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from . import dispatch, embedded, events, postgres
+from . import dispatch, embedded, events, pgloop, postgres
 from .protocol import ProtocolError
 
 logger = logging.getLogger("turtlemq.broker")
@@ -93,9 +98,14 @@ async def run_batch(operations: Sequence[dispatch.Operation]) -> Outcomes:
     knows where.
     """
     loop = asyncio.get_running_loop()
-    if loop in AsyncToSync.loop_thread_executors or getattr(AsyncToSync.executors, "current", None) is not None:
+    if _serves_sync_caller(loop):
         return await _run_batch_compatibly(operations)
     return await loop.run_in_executor(SyncToAsync.single_thread_executor, _run_batch_in_thread, operations)
+
+
+def _serves_sync_caller(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this event loop runs for a synchronous caller (``async_to_sync``), whose database calls are its own."""
+    return loop in AsyncToSync.loop_thread_executors or getattr(AsyncToSync.executors, "current", None) is not None
 
 
 class GroupCommit:
@@ -108,6 +118,8 @@ class GroupCommit:
         self._marks_due: asyncio.TimerHandle | None = None  # starts a batch for marks that found none
         self._on_loop: bool | None = None  # whether batches may run on the loop; known at the first batch
         self._loop_connection: embedded.LoopConnection | None = None
+        self._pg_on_loop: bool | None = None  # whether written-out batches may run on the loop (PostgreSQL)
+        self._pg_connection: pgloop.LoopConnection | None = None
         self._since_checkpoint = 0  # batches committed on the loop since the last checkpoint began
         self._checkpoint: asyncio.Future[tuple[int, int, int]] | None = None
 
@@ -155,6 +167,7 @@ class GroupCommit:
         committed: tuple[list[Waiting], Outcomes] | None = None
         if self._on_loop is None:
             self._on_loop = embedded.wanted()
+            self._pg_on_loop = pgloop.wanted()
         while True:
             if self._on_loop:
                 # A batch on the loop runs as soon as it starts: first let the
@@ -192,7 +205,30 @@ class GroupCommit:
             done = self._run_on_loop(operations)
             if done is not None:
                 return batch, done
+        if self._pg_on_loop and not _serves_sync_caller(asyncio.get_running_loop()):
+            script = dispatch.script_batch(operations)
+            if script is not None:
+                return batch, asyncio.ensure_future(self._run_script(operations, script))
         return batch, asyncio.ensure_future(run_batch(operations))
+
+    async def _run_script(self, operations: list[dispatch.Operation], script: dispatch.BatchScript) -> Outcomes:
+        """Run a written-out batch on the loop's own PostgreSQL connection, else in the database thread."""
+        try:
+            if self._pg_connection is None or not self._pg_connection.usable:
+                await self.close()
+                self._pg_connection = await pgloop.LoopConnection.open()  # tried again at the next batch if this fails
+            return await self._pg_connection.run(script, len(operations))
+        except Exception:
+            # Rolled back whole. The loop is only the fast path: in the thread each
+            # operation is tried again on its own, with Django's error handling.
+            logger.warning("a batch of %s operations failed on the event loop", len(operations), exc_info=True)
+        return await run_batch(operations)
+
+    async def close(self) -> None:
+        """Close the loop's own PostgreSQL connection, if any (a later batch opens another)."""
+        connection, self._pg_connection = self._pg_connection, None
+        if connection is not None:
+            await connection.close()
 
     def _run_on_loop(self, operations: list[dispatch.Operation]) -> asyncio.Future[Outcomes] | None:
         """Run a batch on the loop's own SQLite connection; None if it must take the database thread after all."""
@@ -266,3 +302,10 @@ def group_commit() -> GroupCommit:
     if group is None:
         group = _group_commits[loop] = GroupCommit()
     return group
+
+
+async def close_group_commit() -> None:
+    """Close what the running event loop's group commit holds open (the broker process stops)."""
+    group = _group_commits.get(asyncio.get_running_loop())
+    if group is not None:
+        await group.close()

@@ -54,7 +54,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, ClassVar
@@ -404,13 +404,15 @@ class Batch:
         gathered, self._completions = self._completions, []
         first: dict[tuple[int, int], tuple[int, Complete]] = {}  # (task, worker) -> its first completion here
         for position, complete in gathered:
-            first.setdefault((int(complete.task_id), complete.worker_id), (position, complete))
-        done = self.sql.complete_held_many(
-            [(task_id, worker_id, complete.result) for (task_id, worker_id), (_, complete) in first.items()], self.now
-        )
+            key = _completion_key(complete)
+            if key is not None:
+                first.setdefault(key, (position, complete))
+        completions = [(task_id, worker_id, complete.result) for (task_id, worker_id), (_, complete) in first.items()]
+        done = self.sql.complete_held_many(completions, self.now)  # no statement for none
         for position, complete in gathered:
-            key = (int(complete.task_id), complete.worker_id)
-            if first[key][0] != position or key not in done:
+            key = _completion_key(complete)
+            if key is None or first[key][0] != position or key not in done:
+                # What it holds once this batch's completions are written: the task to send again (rule 4).
                 held = [(str(pk), data) for pk, data in self.sql.held(complete.worker_id)]
                 self.errors[position] = UnknownTask(complete.task_id, held)
                 continue
@@ -469,6 +471,10 @@ class Operation:
     def apply(self, batch: Batch) -> None:
         raise NotImplementedError
 
+    def script(self, script: BatchScript, position: int) -> bool:
+        """Write this operation into ``script`` (see :class:`BatchScript`); False if it must read first."""
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class Submit(Operation):
@@ -495,17 +501,32 @@ class Submit(Operation):
         return self.client_id is None  # a clientId's tasks are looked up first, one submit at a time
 
     def apply(self, batch: Batch) -> None:
-        limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
         if self.client_id is None:
-            if limit and self.unanswered >= limit:
-                raise InFlightLimit(limit)
+            self._check_connection_limit()
             batch.gather_insert(self)
         else:
-            replay = self._insert_for_client(batch, self.client_id, limit)
+            replay = self._insert_for_client(batch, self.client_id, settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT)
             if replay is not None:
                 batch.effects += replay
                 return
         batch.assign_round = True
+
+    def script(self, script: BatchScript, position: int) -> bool:
+        if self.client_id is not None:
+            return False  # its messageId is looked up first
+        try:
+            self._check_connection_limit()
+        except InFlightLimit as exc:
+            script.errors[position] = exc
+        else:
+            script.new_tasks.append(self.row())
+        return True
+
+    def _check_connection_limit(self) -> None:
+        """Without a ``clientId`` the client is its connection, which counts its own unanswered tasks."""
+        limit = settings.TURTLEMQ_MAX_CLIENT_IN_FLIGHT
+        if limit and self.unanswered >= limit:
+            raise InFlightLimit(limit)
 
     def row(self) -> sql.NewTask:
         """The new task's columns for :meth:`sql.Statements.insert_tasks`."""
@@ -563,9 +584,11 @@ class Complete(Operation):
         return True
 
     def apply(self, batch: Batch) -> None:
-        if not _is_task_id(self.task_id):
-            raise UnknownTask(self.task_id, [(str(pk), data) for pk, data in batch.sql.held(self.worker_id)])
         batch.gather_completion(self)  # completed (or refused, in Batch.errors) at the next flush
+
+    def script(self, script: BatchScript, position: int) -> bool:
+        script.add_completion(position, self)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,6 +638,10 @@ class MarkDelivered(Operation):
 
     def apply(self, batch: Batch) -> None:
         batch.delivered.extend(self.task_ids)
+
+    def script(self, script: BatchScript, position: int) -> bool:
+        script.delivered.extend(self.task_ids)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +725,116 @@ def run_one(operation: Operation) -> Effects:
     if error is not None:
         raise error
     return effects
+
+
+# --- batches written out whole: one round trip (broker.pgloop) -------------------------
+
+
+Done = dict[tuple[int, int], tuple[str, str]]  # (task id, worker id) -> (reply_channel, message_id)
+
+
+@dataclass
+class BatchScript:
+    """A batch written out before anything of it runs, so that it can be sent whole.
+
+    Most batches under load are made of submissions without a ``clientId``,
+    completions and delivery marks. None of them needs to read the database
+    to know what to write: the statements of ``broker.pgloop`` take them as
+    arrays and decide the rest themselves (which completions take, which
+    queued tasks go to which worker), in the order :class:`Batch` does, so the
+    whole batch travels to PostgreSQL in one round trip. Any other operation
+    reads before it writes (a ``clientId``'s messageId, the task a failure
+    names): its batch runs with :func:`run_batch`.
+
+    What the statements answer comes back through :meth:`effects`, which
+    refuses the completions that did not take, as :meth:`Batch._complete` does.
+    """
+
+    now: datetime
+    new_tasks: list[sql.NewTask] = field(default_factory=list)
+    # (task id, worker id, result) of each task's first completion in the batch, in order.
+    completions: list[tuple[int, int, str]] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    errors: dict[int, ProtocolError] = field(default_factory=dict)  # by position: refused before anything ran
+    _completing: list[tuple[int, Complete]] = field(default_factory=list)  # every completion, with its position
+    _channels: dict[int, str] = field(default_factory=dict)  # worker id -> its channel
+    _keys: set[tuple[int, int]] = field(default_factory=set)  # (task, worker) of ``completions``
+
+    @property
+    def assign_round(self) -> bool:
+        """New tasks may go to idle workers (as :meth:`Submit.apply` asks of a batch)."""
+        return bool(self.new_tasks)
+
+    @property
+    def default_lease(self) -> datetime | None:
+        """When a task handed out now without a ``timeout`` of its own is taken back."""
+        return lease_until(None, self.now)
+
+    def add_completion(self, position: int, complete: Complete) -> None:
+        self._completing.append((position, complete))
+        self._channels[complete.worker_id] = complete.worker_channel
+        key = _completion_key(complete)
+        if key is not None and key not in self._keys:
+            self._keys.add(key)
+            self.completions.append((*key, complete.result))
+
+    def _judged(self, done: Done) -> Iterator[tuple[int, Complete, tuple[int, int] | None]]:
+        """Each completion with its (task, worker) if it took, None if refused: not held, or a repeat."""
+        taken: set[tuple[int, int]] = set()
+        for position, complete in self._completing:
+            key = _completion_key(complete)
+            if key is None or key not in done or key in taken:
+                yield position, complete, None
+            else:
+                taken.add(key)
+                yield position, complete, key
+
+    def refused_workers(self, done: Done) -> set[int]:
+        """Workers with a completion that did not take: their error names the tasks they hold."""
+        return {complete.worker_id for _, complete, key in self._judged(done) if key is None}
+
+    def effects(
+        self,
+        count: int,
+        done: Done,
+        handed_out: list[tuple[int, int, str, str | None]],
+        held: dict[int, list[tuple[int, str]]],
+    ) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
+        """Each of the ``count`` operations' error, and the effects, from what the statements answered.
+
+        ``handed_out``: (task id, worker id, data, worker channel) of each
+        task given to a worker (the channel is None for those of the refill: a
+        worker that completed, whose channel is known here); ``held``: (task
+        id, data) each refused worker holds.
+        """
+        errors = dict(self.errors)
+        effects = Effects()
+        for position, complete, key in self._judged(done):
+            if key is None:
+                worker_held = [(str(pk), data) for pk, data in held.get(complete.worker_id, [])]
+                errors[position] = UnknownTask(complete.task_id, worker_held)
+                continue
+            reply_channel, message_id = done[key]
+            effects.outcomes.append(Outcome(reply_channel, key[0], message_id, True, complete.result))
+        effects.assignments.extend(
+            Assignment(channel or self._channels[worker_id], str(pk), data)
+            for pk, worker_id, data, channel in sorted(handed_out)
+        )
+        return [errors.get(position) for position in range(count)], effects
+
+
+def _completion_key(complete: Complete) -> tuple[int, int] | None:
+    """(task id, worker id) of a completion; None for a taskId that can name no task."""
+    return (int(complete.task_id), complete.worker_id) if _is_task_id(complete.task_id) else None
+
+
+def script_batch(operations: Sequence[Operation]) -> BatchScript | None:
+    """``operations`` written out as one :class:`BatchScript`; None if one of them must read first."""
+    script = BatchScript(timezone.now())
+    for position, operation in enumerate(operations):
+        if not operation.script(script, position):
+            return None
+    return script
 
 
 # --- the life of a task, one operation at a time (tools, tests) ------------------------

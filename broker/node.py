@@ -30,7 +30,7 @@ from django.conf import settings
 
 from subscriptions.fanout import stop_process_fanout
 
-from . import dispatch, events, inbox
+from . import commits, dispatch, events, inbox
 
 logger = logging.getLogger("turtlemq.broker")
 
@@ -131,6 +131,7 @@ class BrokerNode:
                 await self._leave(self.process_id)
                 logger.info("broker process #%s stopped", self.process_id)
         await inbox.stop()
+        await commits.close_group_commit()
         # Also when only subscribers were served (the node starts with the first client or worker).
         await stop_process_fanout()  # its reader ends, its process channel leaves the topics' groups
         self.process_id = None

@@ -18,10 +18,18 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import OperationalError
 
-from broker import commits, dispatch
+from broker import commits, dispatch, pgloop
 from broker.dispatch import Complete, Fail, MarkDelivered, Release, Submit, UnknownTask
 from broker.models import Connection, Task
 from tests.communicators import wait_until
+
+
+@pytest.fixture
+async def group():
+    """A group commit of its own, closed after the test (on PostgreSQL it holds a connection of its own)."""
+    opened = commits.GroupCommit()
+    yield opened
+    await opened.close()
 
 
 def new_process() -> int:
@@ -246,7 +254,7 @@ def test_a_lone_operation_that_fails_in_the_database_raises():
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_operations_queued_together_share_transactions_and_each_caller_hears_its_own_outcome(monkeypatch):
+async def test_operations_queued_together_share_transactions_and_each_caller_hears_its_own_outcome(monkeypatch, group):
     process_id = await database_sync_to_async(new_process)()
     worker_id = await database_sync_to_async(worker)(process_id, "w", 50)
     batches: list[int] = []
@@ -261,10 +269,18 @@ async def test_operations_queued_together_share_transactions_and_each_caller_hea
         batches.append(len(operations))  # counted once it committed: a busy database sends it to the thread
         return outcomes
 
-    # Batches run on the event loop (SQLite) or in the database thread (PostgreSQL, or SQLite while busy).
+    real_run_script = pgloop.LoopConnection.run
+
+    async def counting_run_script(connection: Any, script: dispatch.BatchScript, count: int) -> Any:
+        outcomes = await real_run_script(connection, script, count)
+        batches.append(count)  # counted once it committed: a failure sends it to the thread
+        return outcomes
+
+    # Batches run on the event loop (SQLite; PostgreSQL, those written out whole) or in the database
+    # thread (the others, or SQLite while busy).
     monkeypatch.setattr(commits, "run_batch", counting_run_batch)
     monkeypatch.setattr(dispatch, "run_batch_on_loop", counting_run_batch_on_loop)
-    group = commits.GroupCommit()
+    monkeypatch.setattr(pgloop.LoopConnection, "run", counting_run_script)
 
     submits = [group.submit(Submit("client.a", None, f"m{n}", str(n))) for n in range(40)]
     unknown = group.submit(Complete(worker_id, "worker.w", "424242", "nobody asked"))
@@ -278,12 +294,11 @@ async def test_operations_queued_together_share_transactions_and_each_caller_hea
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it():
+async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it(group):
     process_id = await database_sync_to_async(new_process)()
     await database_sync_to_async(worker)(process_id, "w")
     await database_sync_to_async(dispatch.submit_task)("client.a", None, "m1", "one")
     task_id = await database_sync_to_async(lambda: Task.objects.get().pk)()
-    group = commits.GroupCommit()
 
     group.note_delivered(task_id)
     await group.submit(Submit("client.a", None, "m2", "two"))
@@ -292,12 +307,11 @@ async def test_a_delivery_noted_before_an_operation_commits_no_later_than_it():
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_delivery_marks_alone_wait_a_moment_for_a_batch_to_ride_along_with_then_are_recorded():
+async def test_delivery_marks_alone_wait_a_moment_for_a_batch_to_ride_along_with_then_are_recorded(group):
     process_id = await database_sync_to_async(new_process)()
     await database_sync_to_async(worker)(process_id, "w")
     await database_sync_to_async(dispatch.submit_task)("client.a", None, "m1", "one")
     task_id = await database_sync_to_async(lambda: Task.objects.get().pk)()
-    group = commits.GroupCommit()
 
     group.note_delivered(task_id)
     await asyncio.sleep(commits.MARK_DELAY / 5)
@@ -334,13 +348,12 @@ async def test_a_burst_of_submissions_from_one_client_is_answered_in_full_with_e
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_the_group_commit_runs_whatever_context_its_first_caller_was_in():
+async def test_the_group_commit_runs_whatever_context_its_first_caller_was_in(group):
     """A caller inside asgiref's "database call under way" guard must not make every batch refuse to run."""
     from asgiref.sync import SyncToAsync
 
     process_id = await database_sync_to_async(new_process)()
     await database_sync_to_async(worker)(process_id, "w")
-    group = commits.GroupCommit()
 
     SyncToAsync.deadlock_context.set(True)  # as if this task were waiting for a database_sync_to_async call
     try:

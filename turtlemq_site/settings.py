@@ -237,6 +237,10 @@ TURTLEMQ_SQLITE_ON_LOOP = env_bool("TURTLEMQ_SQLITE_ON_LOOP", True)
 # their first statement, and send statements nobody reads ahead with the next
 # one (broker.postgres). Off: every batch in Django's transactions.
 TURTLEMQ_PG_PIPELINE = env_bool("TURTLEMQ_PG_PIPELINE", True)
+# PostgreSQL only: batches of submissions (without clientId), completions and
+# delivery marks run on the event loop, on a connection of its own, in one
+# round trip (broker.pgloop). Off: every batch takes the database thread.
+TURTLEMQ_PG_ON_LOOP = env_bool("TURTLEMQ_PG_ON_LOOP", True)
 
 # --- Access control and limits (broker.access, broker.ratelimit) -------------
 
