@@ -27,8 +27,8 @@ themselves, in the same order:
   ``Batch._refill``. Rows another broker process has locked are skipped,
   each claim is a compare-and-set on the task's state, and each worker's
   count of slots changes once: what the round filled is taken, what a
-  completion freed and nothing filled is given back.
-* :data:`MARK_DELIVERED` records the outcomes sent since the last batch.
+  completion freed and nothing filled is given back. It also records the
+  outcomes sent since the last batch.
 
 A completion that did not take (the worker does not hold that task) costs a
 second round trip, after the commit: the tasks that worker holds, for its
@@ -95,8 +95,13 @@ CONNECTION = Connection._meta.db_table
 
 # Statements are prepared while the task table has at least this many pages (see "Plans").
 PREPARED_FROM_PAGES = 32
-# How this connection's statements are planned (see "Plans"): through indexes, joined by nested loops.
-PLANNER_SETTINGS = "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off"
+# How this connection's statements are planned (see "Plans"): through indexes, joined by nested
+# loops, and a prepared statement once (PostgreSQL would otherwise plan it afresh whenever its
+# estimates favour that, at several times the cost of running it).
+PLANNER_SETTINGS = (
+    "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off"
+    " -c plan_cache_mode=force_generic_plan"
+)
 # Seconds between two looks at the task table's size: often while it is small (a new
 # deployment soon outgrows it), seldom once its statements are prepared.
 SIZE_CHECK_EVERY = {False: 1.0, True: 30.0}
@@ -111,9 +116,10 @@ NEW_TASKS = (
 )
 
 # $1 now, $2 default lease, $3 $4 $5 (task id, worker id, result) of the completions, first of each task
-# first, $6 whether idle workers get tasks (new tasks were stored). One statement, so that every part of it
-# sees the database as the batch found it: a completion of a task that the assignment round hands out
-# here is refused, as in dispatch.Batch, where completions are written first. Rows:
+# first, $6 whether idle workers get tasks (new tasks were stored), $7 the tasks whose outcomes were sent.
+# One statement, so that every part of it sees the database as the batch found it: a completion of a task
+# that the assignment round hands out here is refused, as in dispatch.Batch, where completions are written
+# first. Rows:
 # ('done', task id, worker id, reply_channel, message_id) of each completion that took, and
 # ('assigned', task id, worker id, data, worker channel or NULL) of each task handed out.
 DISPATCH = (
@@ -162,15 +168,12 @@ DISPATCH = (
     "   FROM claimed) AS change GROUP BY worker_id),"
     f" counted AS (UPDATE {CONNECTION} AS worker"
     "  SET in_flight = greatest(worker.in_flight + slots.taken - slots.given_back, 0), ready_at = $1"
-    "  FROM slots WHERE worker.id = slots.worker_id AND (slots.taken > 0 OR slots.given_back > 0))"
+    "  FROM slots WHERE worker.id = slots.worker_id AND (slots.taken > 0 OR slots.given_back > 0)),"
+    # The outcomes sent: the first delivery counts. (Finished tasks: none of the rows above.)
+    f" delivered AS (UPDATE {TASK} AS task SET delivered_at = $1 FROM unnest($7::bigint[]) AS sent (id)"
+    "  WHERE task.id = sent.id AND task.delivered_at IS NULL)"
     " SELECT 'done', id, worker_id, reply_channel, message_id FROM done"
     " UNION ALL SELECT 'assigned', id, worker_id, data, channel_name FROM claimed"
-)
-
-# $1 now, $2 task ids: the first delivery counts.
-MARK_DELIVERED = (
-    f"UPDATE {TASK} AS task SET delivered_at = $1 FROM unnest($2::bigint[]) AS sent (id)"
-    " WHERE task.id = sent.id AND task.delivered_at IS NULL"
 )
 
 # $1 worker ids: (worker id, task id, data) of what they hold, oldest first.
@@ -228,11 +231,8 @@ class LoopConnection:
         if script.new_tasks:
             message_ids, _, reply_channels, data, timeouts, max_attempts = _columns(script.new_tasks, 6)
             statements["new"] = (NEW_TASKS, (now, message_ids, reply_channels, data, max_attempts, timeouts))
-        if script.new_tasks or script.completions:
-            completions = _columns(script.completions, 3)  # task ids, worker ids, results
-            statements["dispatched"] = (DISPATCH, (now, lease, *completions, script.assign_round))
-        if script.delivered:
-            statements["delivered"] = (MARK_DELIVERED, (now, script.delivered))
+        completions = _columns(script.completions, 3)  # task ids, worker ids, results
+        statements["dispatched"] = (DISPATCH, (now, lease, *completions, script.assign_round, script.delivered))
         if time.monotonic() - self._size_checked_at >= SIZE_CHECK_EVERY[self._prepared]:
             statements["pages"] = (TABLE_PAGES, (TASK,))
         answers = await self._transaction(statements)

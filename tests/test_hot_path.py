@@ -29,9 +29,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # that raises them should be a deliberate one.
 MAX_STATEMENTS_PER_TASK = 9
 # On PostgreSQL batches are written out whole (broker.pgloop): insert, the dispatch
-# that follows it (an assignment round), the dispatch of the completion (complete,
-# refill, slots), the delivery mark.
-MAX_STATEMENTS_PER_TASK_ON_POSTGRESQL = 4
+# that follows it (an assignment round, and the delivery mark of the task before),
+# the dispatch of the completion (complete, refill, slots).
+MAX_STATEMENTS_PER_TASK_ON_POSTGRESQL = 3
 # Client and worker share this process: task.assign and task.outcome are
 # delivered in-process (broker.local), so no layer message at all.
 MAX_LAYER_MESSAGES_PER_TASK = 0

@@ -283,7 +283,7 @@ def test_a_batch_written_out_whole_is_one_round_trip_to_the_database(frozen_time
     lone, several = asyncio.run(scenario())
 
     assert lone == ["_execute_gen"]  # the completion and the refill: one statement
-    assert several == ["_exit_gen"]  # the new tasks, the assignment round, the delivery mark: one pipeline
+    assert several == ["_exit_gen"]  # the new tasks; the assignment round and the delivery mark: one pipeline
     assert Task.objects.get(pk=held.pk).state == Task.State.DONE
     assert Task.objects.get(message_id="m0").worker_id == worker.pk  # the worker, idle since its completion
     assert Task.objects.get(pk=done.pk).delivered_at == NOW
@@ -374,8 +374,7 @@ def test_plans_made_when_statements_are_prepared_read_few_rows_whatever_the_stat
             cursor.execute("ANALYZE broker_task")
             cursor.execute("UPDATE broker_task SET state = 'done'")  # the burst was worked off
     statements = {
-        "dispatch": (pgloop.DISPATCH, "(now(), now(), %(ids)s, %(workers)s, '{a,b,c}', true)"),
-        "mark_delivered": (pgloop.MARK_DELIVERED, "(now(), %(ids)s)"),
+        "dispatch": (pgloop.DISPATCH, "(now(), now(), %(ids)s, %(workers)s, '{a,b,c}', true, %(finished)s)"),
         "new_tasks": (pgloop.NEW_TASKS, "(now(), '{a}', '{b}', '{c}', '{3}', '{NULL}')"),
     }
     params = connection.get_connection_params()
@@ -394,15 +393,17 @@ def test_plans_made_when_statements_are_prepared_read_few_rows_whatever_the_stat
             " FROM generate_series(1, 100000) AS g"
         )
         held = own.execute("SELECT id, worker_id FROM broker_task WHERE state = 'assigned' LIMIT 3").fetchall()
+        finished = own.execute("SELECT id FROM broker_task WHERE state = 'done' ORDER BY id DESC LIMIT 3").fetchall()
         values = {
             "ids": f"'{{{','.join(str(i) for i, _ in held)}}}'",
             "workers": f"'{{{','.join(str(w) for _, w in held)}}}'",
+            "finished": f"'{{{','.join(str(i) for (i,) in finished)}}}'",
         }
         for name, (_, arguments) in statements.items():
             own.execute("BEGIN")
             (plan,) = own.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}{arguments % values}").fetchone()
             own.execute("ROLLBACK")
-            # Three completions, three refills, their workers: a few dozen rows at most, of 100,000.
+            # Three completions, three refills, their workers, three delivery marks: a few dozen rows, of 100,000.
             assert rows_read_from_the_task_table(plan) < 50, f"{name}: {plan}"
 
 
