@@ -81,9 +81,12 @@ def _run_batch_in_thread(operations: Sequence[dispatch.Operation]) -> Outcomes:
     db = connections[DEFAULT_DB_ALIAS]
     # What database_sync_to_async does around every call, for the one connection batches use.
     db.close_if_unusable_or_obsolete()
-    if all(operation.sql_only for operation in operations):
-        return dispatch.run_batch(operations, postgres.pipelined(db))
-    return dispatch.run_batch(operations)
+    try:
+        if all(operation.sql_only for operation in operations):
+            return dispatch.run_batch(operations, postgres.pipelined(db))
+        return dispatch.run_batch(operations)
+    finally:
+        db.close_if_unusable_or_obsolete()
 
 
 _run_batch_compatibly = database_sync_to_async(dispatch.run_batch)
@@ -215,7 +218,8 @@ class GroupCommit:
         """Run a written-out batch on the loop's own PostgreSQL connection, else in the database thread."""
         try:
             if self._pg_connection is None or not self._pg_connection.usable:
-                await self.close()
+                if self._pg_connection is not None:
+                    await self._pg_connection.close()  # broken: lost, or left mid-transaction
                 self._pg_connection = await pgloop.LoopConnection.open()  # tried again at the next batch if this fails
             return await self._pg_connection.run(script, len(operations))
         except Exception:
@@ -225,10 +229,13 @@ class GroupCommit:
         return await run_batch(operations)
 
     async def close(self) -> None:
-        """Close the loop's own PostgreSQL connection, if any (a later batch opens another)."""
-        connection, self._pg_connection = self._pg_connection, None
-        if connection is not None:
-            await connection.close()
+        """Close the loop's own database connections, if any (a later batch opens others)."""
+        pg_connection, self._pg_connection = self._pg_connection, None
+        if pg_connection is not None:
+            await pg_connection.close()
+        loop_connection, self._loop_connection = self._loop_connection, None
+        if loop_connection is not None:
+            loop_connection.close()
 
     def _run_on_loop(self, operations: list[dispatch.Operation]) -> asyncio.Future[Outcomes] | None:
         """Run a batch on the loop's own SQLite connection; None if it must take the database thread after all."""

@@ -42,7 +42,11 @@ transactions. The task frames of connections become :class:`Operation` s
 :class:`MarkDelivered`, :class:`Release`) that :func:`run_batch` runs many at
 a time, in one transaction (``broker.commits`` collects them from all
 connections of a process); the functions named after each step
-(``submit_task``, ...) run one operation alone, for tools and tests. Everything
+(``submit_task``, ...) run one operation alone, for tools and tests. A batch
+of operations that need no answer from the database to know what to write
+(submissions without a ``clientId``, completions, delivery marks) can also be
+written out whole (:class:`BatchScript`), for ``broker.pgloop`` to send to
+PostgreSQL in one round trip, with the same outcome. Everything
 returns :class:`Effects`: the frames to announce over the channel layer
 *after* the commit. The database is the truth, the layer a doorbell. The
 statements every task runs are hand-written SQL (``broker.sql``).

@@ -24,7 +24,6 @@ from django.db import connection
 from broker import commits, dispatch, pgloop
 from broker.dispatch import Complete, MarkDelivered, Operation, Submit
 from broker.models import BrokerProcess, Connection, Task
-from tests.communicators import wait_until
 
 pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="the loop's connection is PostgreSQL's"),
@@ -343,6 +342,14 @@ def test_statements_are_prepared_only_while_the_task_table_is_large_enough_for_t
     asyncio.run(scenario())
 
 
+def connection_params() -> dict[str, Any]:
+    """How to connect to the test database with psycopg itself."""
+    params = connection.get_connection_params()
+    for django_only in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(django_only, None)
+    return params
+
+
 def rows_read_from_the_task_table(plan: list[dict[str, Any]]) -> int:
     """Rows that the scans of the task table in an ``EXPLAIN (ANALYZE, FORMAT JSON)`` read, kept or not."""
 
@@ -377,11 +384,7 @@ def test_plans_made_when_statements_are_prepared_read_few_rows_whatever_the_stat
         "dispatch": (pgloop.DISPATCH, "(now(), now(), %(ids)s, %(workers)s, '{a,b,c}', true, %(finished)s)"),
         "new_tasks": (pgloop.NEW_TASKS, "(now(), '{a}', '{b}', '{c}', '{3}', '{NULL}')"),
     }
-    params = connection.get_connection_params()
-    for django_only in ("cursor_factory", "context", "prepare_threshold"):
-        params.pop(django_only, None)
-    options = f"-c plan_cache_mode=force_generic_plan {pgloop.PLANNER_SETTINGS}"
-    with psycopg.connect(**params, autocommit=True, options=options) as own:
+    with psycopg.connect(**connection_params(), autocommit=True, options=pgloop.PLANNER_SETTINGS) as own:
         for name, (statement, _) in statements.items():
             own.execute(f"PREPARE {name} AS {statement}")
         # Then: 100,000 more finished tasks, a backlog of 5,000, and 2,000 assigned to the workers.
@@ -470,7 +473,7 @@ def test_the_group_commit_sends_written_out_batches_from_the_loop_and_closes_its
     assert Task.objects.filter(state=Task.State.QUEUED).count() == 6
 
 
-def test_a_lost_loop_connection_is_replaced_at_the_next_batch(monkeypatch):
+def test_a_loop_connection_the_server_dropped_costs_one_batch_in_the_thread_and_is_replaced(monkeypatch):
     opened: list[pgloop.LoopConnection] = []
     open_ = pgloop.LoopConnection.open.__func__
 
@@ -484,11 +487,15 @@ def test_a_lost_loop_connection_is_replaced_at_the_next_batch(monkeypatch):
         group = commits.group_commit()
         try:
             await group.submit(Submit("client.a", None, "m1", "x"))
-            await opened[0]._connection.close()  # as a restarted server or a dropped socket would
-            await group.submit(Submit("client.a", None, "m2", "x"))
-            await wait_until(lambda: len(opened) == 2)
+            cursor = await opened[0]._connection.execute("SELECT pg_backend_pid()")
+            (backend,) = await cursor.fetchone()
+            async with await psycopg.AsyncConnection.connect(**connection_params(), autocommit=True) as admin:
+                await admin.execute("SELECT pg_terminate_backend(%s)", [backend])  # as a restarted server would
+            await group.submit(Submit("client.a", None, "m2", "x"))  # fails on the loop, runs in the thread
+            await group.submit(Submit("client.a", None, "m3", "x"))
+            assert len(opened) == 2 and opened[1].usable
         finally:
             await commits.close_group_commit()
 
     asyncio.run(scenario())
-    assert sorted(Task.objects.values_list("message_id", flat=True)) == ["m1", "m2"]
+    assert sorted(Task.objects.values_list("message_id", flat=True)) == ["m1", "m2", "m3"]
