@@ -41,7 +41,7 @@ class StatementCounter:
     """Counts SQL statements on every database connection, in every thread.
 
     Transaction control is left out (SQLite's BEGIN IMMEDIATE passes through
-    here, PostgreSQL's BEGIN and COMMIT do not), so the figure is the same on both.
+    here, PostgreSQL's BEGIN and COMMIT do not), so the figures count the same things.
     """
 
     def __init__(self) -> None:
