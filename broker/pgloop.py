@@ -204,13 +204,12 @@ class LoopConnection:
     @classmethod
     async def open(cls) -> LoopConnection:
         """A new connection to Django's default database, with its settings (the test database in tests)."""
-        params = connections[DEFAULT_DB_ALIAS].get_connection_params()
-        prepare = params.pop("prepare_threshold", None) is not None  # TURTLEMQ_PG_PREPARE_THRESHOLD
-        for django_only in ("cursor_factory", "context"):
-            params.pop(django_only, None)
+        params = connection_params()
         params["options"] = f"{params.get('options', '')} {PLANNER_SETTINGS}".strip()
         # Statements are prepared when asked (prepare=True), never by count.
         connection = await psycopg.AsyncConnection.connect(**params, autocommit=True, prepare_threshold=2**31 - 1)
+        # TURTLEMQ_PG_PREPARE_THRESHOLD=off: never.
+        prepare = connections[DEFAULT_DB_ALIAS].settings_dict["OPTIONS"].get("prepare_threshold") is not None
         return cls(connection, prepare)
 
     @property
@@ -308,6 +307,14 @@ class LoopConnection:
             # after an ANALYZE: with the statements gone, none keeps a plan of the small one.
             await self._connection.execute("DEALLOCATE ALL", prepare=False)
         self._prepared = prepared
+
+
+def connection_params() -> dict[str, Any]:
+    """psycopg's arguments for a connection to Django's default database, without Django's own."""
+    params = connections[DEFAULT_DB_ALIAS].get_connection_params()
+    for django_only in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(django_only, None)
+    return params
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:

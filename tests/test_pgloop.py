@@ -342,14 +342,6 @@ def test_statements_are_prepared_only_while_the_task_table_is_large_enough_for_t
     asyncio.run(scenario())
 
 
-def connection_params() -> dict[str, Any]:
-    """How to connect to the test database with psycopg itself."""
-    params = connection.get_connection_params()
-    for django_only in ("cursor_factory", "context", "prepare_threshold"):
-        params.pop(django_only, None)
-    return params
-
-
 def rows_read_from_the_task_table(plan: list[dict[str, Any]]) -> int:
     """Rows that the scans of the task table in an ``EXPLAIN (ANALYZE, FORMAT JSON)`` read, kept or not."""
 
@@ -384,7 +376,7 @@ def test_plans_made_when_statements_are_prepared_read_few_rows_whatever_the_stat
         "dispatch": (pgloop.DISPATCH, "(now(), now(), %(ids)s, %(workers)s, '{a,b,c}', true, %(finished)s)"),
         "new_tasks": (pgloop.NEW_TASKS, "(now(), '{a}', '{b}', '{c}', '{3}', '{NULL}')"),
     }
-    with psycopg.connect(**connection_params(), autocommit=True, options=pgloop.PLANNER_SETTINGS) as own:
+    with psycopg.connect(**pgloop.connection_params(), autocommit=True, options=pgloop.PLANNER_SETTINGS) as own:
         for name, (statement, _) in statements.items():
             own.execute(f"PREPARE {name} AS {statement}")
         # Then: 100,000 more finished tasks, a backlog of 5,000, and 2,000 assigned to the workers.
@@ -489,7 +481,7 @@ def test_a_loop_connection_the_server_dropped_costs_one_batch_in_the_thread_and_
             await group.submit(Submit("client.a", None, "m1", "x"))
             cursor = await opened[0]._connection.execute("SELECT pg_backend_pid()")
             (backend,) = await cursor.fetchone()
-            async with await psycopg.AsyncConnection.connect(**connection_params(), autocommit=True) as admin:
+            async with await psycopg.AsyncConnection.connect(**pgloop.connection_params(), autocommit=True) as admin:
                 await admin.execute("SELECT pg_terminate_backend(%s)", [backend])  # as a restarted server would
             await group.submit(Submit("client.a", None, "m2", "x"))  # fails on the loop, runs in the thread
             await group.submit(Submit("client.a", None, "m3", "x"))
