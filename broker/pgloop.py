@@ -191,8 +191,6 @@ class LoopConnection:
     pipeline after.
     """
 
-    vendor = "postgresql"
-
     def __init__(self, connection: psycopg.AsyncConnection, prepare: bool) -> None:
         self._connection = connection
         self._may_prepare = prepare
