@@ -32,7 +32,9 @@ round trip, on a connection of the loop's own (``broker.pgloop``). Any other
 batch goes to the database thread; there, on PostgreSQL, a batch of
 hand-written statements runs in a transaction that saves round trips
 (``broker.postgres``). A batch that fails on the loop is run again in the
-thread, where each operation's error reaches that operation.
+thread, where each operation's error reaches that operation; on PostgreSQL,
+only once it is sure the batch did not commit after all (its answer lost with
+the connection: ``pgloop.LoopConnection.settle``).
 
 The hop to the database thread is made here rather than through
 ``database_sync_to_async``: a batch needs none of what that wrapper carries
@@ -216,17 +218,36 @@ class GroupCommit:
 
     async def _run_script(self, operations: list[dispatch.Operation], script: dispatch.BatchScript) -> Outcomes:
         """Run a written-out batch on the loop's own PostgreSQL connection, else in the database thread."""
+        count = len(operations)
+        ran_on: pgloop.LoopConnection | None = None
         try:
-            if self._pg_connection is None or not self._pg_connection.usable:
-                if self._pg_connection is not None:
-                    await self._pg_connection.close()  # broken: lost, or left mid-transaction
-                self._pg_connection = await pgloop.LoopConnection.open()  # tried again at the next batch if this fails
-            return await self._pg_connection.run(script, len(operations))
+            ran_on = await self._usable_pg_connection()
+            return await ran_on.run(script, count)
         except Exception:
-            # Rolled back whole. The loop is only the fast path: in the thread each
-            # operation is tried again on its own, with Django's error handling.
-            logger.warning("a batch of %s operations failed on the event loop", len(operations), exc_info=True)
+            logger.warning("a batch of %s operations failed on the event loop", count, exc_info=True)
+        if ran_on is not None:
+            # Rolled back whole, unless the connection was lost with the answer of a
+            # commit: then running it again would store its tasks twice. Look first.
+            try:
+                outcomes = await (await self._usable_pg_connection()).settle(ran_on, script, count)
+            except Exception as exc:
+                logger.error("could not learn whether a batch of %s operations committed", count, exc_info=True)
+                raise DatabaseError("lost the database connection: a batch may or may not have committed") from exc
+            if outcomes is not None:
+                logger.warning("a batch of %s operations committed, but its answer was lost with the connection", count)
+                return outcomes
+        # The loop is only the fast path: in the thread each operation is tried
+        # again on its own, with Django's error handling.
         return await run_batch(operations)
+
+    async def _usable_pg_connection(self) -> pgloop.LoopConnection:
+        """The loop's own PostgreSQL connection, opened anew if it is closed or broken."""
+        if self._pg_connection is None or not self._pg_connection.usable:
+            if self._pg_connection is not None:
+                await self._pg_connection.close()  # broken: lost, or left mid-transaction
+                self._pg_connection = None
+            self._pg_connection = await pgloop.LoopConnection.open()  # tried again at the next batch if this fails
+        return self._pg_connection
 
     async def close(self) -> None:
         """Close the loop's own database connections, if any (a later batch opens others)."""

@@ -32,10 +32,20 @@ themselves, in the same order:
 
 A completion that did not take (the worker does not hold that task) costs a
 second round trip, after the commit: the tasks that worker holds, for its
-error (rule 4). Any failure (the connection lost, a statement refused, a
-deadlock with another process) rolls the whole batch back; the group commit
-then runs it in the database thread like any other batch, where each
-operation's error reaches that operation.
+error (rule 4). A statement refused or a deadlock with another process rolls
+the whole batch back; the group commit then runs it in the database thread
+like any other batch, where each operation's error reaches that operation.
+
+A connection lost with the batch's answer is another matter: PostgreSQL may
+have committed the batch all the same, and running it again would store its
+tasks twice and refuse its completions as already taken (their outcomes never
+sent). So :meth:`LoopConnection.settle` first makes sure the lost
+connection's server process has ended (a batch it had not committed is then
+rolled back), then looks for what the batch wrote, at its timestamp: its new
+tasks, its completions, the tasks it handed out. Found, the batch committed,
+and its outcomes come from those rows; not found, it did not, and it runs
+again. Should that look fail too, the batch's operations fail (their
+connections close) rather than risk running twice.
 
 Plans. Each statement touches a few rows found by key: the tasks a batch
 names (primary key), the oldest queued ones (the partial index of the
@@ -181,6 +191,32 @@ HELD = f"SELECT worker_id, id, data FROM {TASK} WHERE worker_id = ANY($1::bigint
 
 TABLE_PAGES = "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint"
 
+# The server process of this connection: (pid, when it started), which tells it apart from a later one.
+BACKEND = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+# $1 $2 the server process of a lost connection, $3 milliseconds to wait: whether it has ended (no
+# row: already gone), terminated if it is still there (rolling back what it had not committed).
+ENDED = "SELECT pg_terminate_backend(pid, $3) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
+# Seconds to wait for the server process of a lost connection to end.
+END_TIMEOUT = 5.0
+
+# What a batch wrote, found by its timestamp ($1) once nobody can commit it any more (see settle).
+# $2 message ids, $3 reply channels of its new tasks: how many of them are stored.
+STORED = (
+    f"SELECT count(*) FROM {TASK}"
+    " WHERE message_id = ANY($2::text[]) AND reply_channel = ANY($3::text[]) AND created_at = $1"
+)
+# $2 the task ids it completed: (task id, worker id, reply_channel, message_id) of those it did complete.
+COMPLETED = (
+    f"SELECT id, worker_id, reply_channel, message_id FROM {TASK}"
+    " WHERE id = ANY($2::bigint[]) AND state = 'done' AND finished_at = $1"
+)
+# (task id, worker id, data, worker channel) of the tasks it handed out that live workers still hold.
+HANDED_OUT = (
+    f"SELECT task.id, task.worker_id, task.data, worker.channel_name FROM {CONNECTION} AS worker"
+    f" JOIN {TASK} AS task ON task.worker_id = worker.id AND task.state = 'assigned'"
+    " WHERE worker.role = 'worker' AND worker.disconnected_at IS NULL AND task.assigned_at = $1"
+)
+
 
 class LoopConnection:
     """One event loop's own PostgreSQL connection, for batches written out whole.
@@ -191,8 +227,9 @@ class LoopConnection:
     pipeline after.
     """
 
-    def __init__(self, connection: psycopg.AsyncConnection, prepare: bool) -> None:
+    def __init__(self, connection: psycopg.AsyncConnection, prepare: bool, backend: tuple[int, Any]) -> None:
         self._connection = connection
+        self.backend = backend  # its server process: (pid, start), see settle()
         self._may_prepare = prepare
         self._prepared = False  # whether statements run prepared now (see "Plans")
         self._size_checked_at = -float("inf")
@@ -206,9 +243,14 @@ class LoopConnection:
         params["options"] = f"{params.get('options', '')} {PLANNER_SETTINGS}".strip()
         # Statements are prepared when asked (prepare=True), never by count.
         connection = await psycopg.AsyncConnection.connect(**params, autocommit=True, prepare_threshold=2**31 - 1)
+        try:
+            backend = await (await connection.execute(BACKEND, prepare=False)).fetchone()
+        except BaseException:
+            await connection.close()
+            raise
         # TURTLEMQ_PG_PREPARE_THRESHOLD=off: never.
         prepare = connections[DEFAULT_DB_ALIAS].settings_dict["OPTIONS"].get("prepare_threshold") is not None
-        return cls(connection, prepare)
+        return cls(connection, prepare, backend)
 
     @property
     def usable(self) -> bool:
@@ -253,6 +295,52 @@ class LoopConnection:
         if "pages" in answers:
             await self._size_seen(answers["pages"][0][0])
         return script.effects(count, done, handed_out, held)
+
+    async def settle(self, lost: LoopConnection, script: dispatch.BatchScript, count: int) -> Outcomes | None:
+        """The outcome of a batch that ``lost`` ran without an answer: as :meth:`run` returns it if the
+        batch committed, None if it did not (it may run again).
+
+        Run on a usable connection: ``lost`` itself if it still is one (the
+        server answered, with an error), else a new one. The server process of
+        ``lost`` is ended first, so that nothing of the batch commits after the
+        look. Raises if that cannot be made sure of: then nobody knows.
+        """
+        if lost is not self:
+            await self._end(lost.backend)
+        now = script.now
+        new_tasks = 0
+        if script.new_tasks:
+            message_ids, _, reply_channels, *_ = _columns(script.new_tasks, 6)
+            ((new_tasks,),) = await self._rows(STORED, (now, message_ids, reply_channels))
+        task_ids = [task_id for task_id, _, _ in script.completions]
+        done: dispatch.Done = {
+            (task_id, worker_id): (reply_channel, message_id)
+            for task_id, worker_id, reply_channel, message_id in await self._rows(COMPLETED, (now, task_ids))
+        }
+        if not new_tasks and not done:
+            # Not committed; or committed with nothing but refused completions and
+            # delivery marks, which running it again repeats to the same effect.
+            return None
+        handed_out = [tuple(row) for row in await self._rows(HANDED_OUT, (now,))]
+        held: dict[int, list[tuple[int, str]]] = {}
+        refused = script.refused_workers(done)
+        if refused:
+            new = {task_id for task_id, _, _, _ in handed_out}
+            for worker_id, task_id, data in await self._rows(HELD, (list(refused),)):
+                if task_id not in new:
+                    held.setdefault(worker_id, []).append((task_id, data))
+        return script.effects(count, done, handed_out, held)
+
+    async def _end(self, backend: tuple[int, Any]) -> None:
+        """Make sure the server process ``backend`` has ended; raise if it is still there after ``END_TIMEOUT``."""
+        pid, started = backend
+        for (ended,) in await self._rows(ENDED, (pid, started, int(END_TIMEOUT * 1000))):
+            if not ended:
+                raise psycopg.OperationalError(f"the server process {pid} of a lost connection did not end")
+
+    async def _rows(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        """One statement, planned for its values (this connection's planner settings apply): its rows."""
+        return await (await self._send(sql, params, prepare=False)).fetchall()
 
     async def _transaction(self, statements: dict[str, tuple[str, Sequence[Any]]]) -> dict[str, list[tuple]]:
         """Run ``statements`` in one transaction and one round trip: the rows of each, by name.

@@ -19,11 +19,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection
+from channels.layers import get_channel_layer
+from django.db import DatabaseError, connection
 
 from broker import commits, dispatch, pgloop
 from broker.dispatch import Complete, MarkDelivered, Operation, Submit
 from broker.models import BrokerProcess, Connection, Task
+
+from .pgproxy import CuttingProxy
 
 pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="the loop's connection is PostgreSQL's"),
@@ -491,3 +494,144 @@ def test_a_loop_connection_the_server_dropped_costs_one_batch_in_the_thread_and_
 
     asyncio.run(scenario())
     assert sorted(Task.objects.values_list("message_id", flat=True)) == ["m1", "m2", "m3"]
+
+
+# --- a connection lost with a batch's answer ----------------------------------------------------
+
+
+def held_and_idle_workers() -> tuple[list[Operation], Task]:
+    """A worker that holds a task and an idle one; a batch that completes the task and submits two more."""
+    process_id = new_process()
+    busy = Connection.objects.create(
+        channel_name="worker.busy", role=Connection.Role.WORKER, process_id=process_id, in_flight=1, ready_at=NOW
+    )
+    Connection.objects.create(
+        channel_name="worker.idle", role=Connection.Role.WORKER, process_id=process_id, ready_at=NOW
+    )
+    held = Task.objects.create(
+        message_id="held", reply_channel="client.a", data="mine", max_attempts=3, state="assigned", worker=busy
+    )
+    operations: list[Operation] = [
+        Complete(busy.pk, busy.channel_name, str(held.pk), "MINE"),
+        Submit("client.b", None, "m1", "one"),
+        Submit("client.b", None, "m2", "two"),
+    ]
+    return operations, held
+
+
+def assert_ran_once(held: Task) -> None:
+    """The batch of held_and_idle_workers() committed exactly once: the completion took, each task stored once."""
+    held.refresh_from_db()
+    assert (held.state, held.result) == (Task.State.DONE, "MINE")
+    tasks = Task.objects.filter(message_id__in=["m1", "m2"]).order_by("pk")
+    # The idle worker first (the assignment round), then the one that just freed its slot (the refill).
+    assert [(task.message_id, task.state, task.worker.channel_name) for task in tasks] == [
+        ("m1", Task.State.ASSIGNED, "worker.idle"),
+        ("m2", Task.State.ASSIGNED, "worker.busy"),
+    ]
+
+
+async def _through_proxy(monkeypatch) -> CuttingProxy:
+    """Route the loop's connections through a CuttingProxy in front of the test database."""
+    direct = pgloop.connection_params()
+    proxy = await CuttingProxy(direct["host"], int(direct["port"])).start()
+    proxied = direct | {"host": "127.0.0.1", "port": proxy.listening_port, "sslmode": "disable"}
+    monkeypatch.setattr(pgloop, "connection_params", lambda: dict(proxied))
+    return proxy
+
+
+def test_a_batch_that_committed_but_whose_answer_was_lost_is_not_run_again_and_its_outcomes_go_out(monkeypatch):
+    operations, held = held_and_idle_workers()
+    events: dict[str, dict[str, Any]] = {}
+
+    async def scenario() -> list[BaseException | None]:
+        proxy = await _through_proxy(monkeypatch)
+        group = commits.group_commit()
+        try:
+            await group.submit(MarkDelivered([]))  # the loop's connection is open
+            proxy.arm("after_answer")
+            results = await asyncio.gather(
+                *(group.submit(operation) for operation in operations), return_exceptions=True
+            )
+            assert proxy.cut.is_set()
+            layer = get_channel_layer()
+            for channel in ("client.a", "worker.idle", "worker.busy"):
+                events[channel] = await asyncio.wait_for(layer.receive(channel), 5)
+            return results
+        finally:
+            await commits.close_group_commit()
+            await proxy.close()
+
+    assert asyncio.run(scenario()) == [None, None, None]
+    assert_ran_once(held)
+    assert (events["client.a"]["type"], events["client.a"]["data"]) == ("task.outcome", "MINE")
+    assert (events["worker.idle"]["type"], events["worker.idle"]["data"]) == ("task.assign", "one")
+    assert (events["worker.busy"]["type"], events["worker.busy"]["data"]) == ("task.assign", "two")
+
+
+def test_a_batch_cut_off_while_the_server_still_runs_it_is_ended_there_and_runs_again_once(monkeypatch):
+    operations, held = held_and_idle_workers()
+    run_in_thread = commits.run_batch
+
+    async def scenario() -> list[BaseException | None]:
+        proxy = await _through_proxy(monkeypatch)
+        # Another transaction holds the task's row: the batch waits for it on the server.
+        locker = await psycopg.AsyncConnection.connect(**pgloop.connection_params() | {"port": proxy.port})
+        await locker.execute(f"SELECT id FROM {Task._meta.db_table} WHERE id = %s FOR UPDATE", [held.pk])
+
+        async def unlocked_first(batch: list[Operation]) -> Any:
+            # Whatever still waits for the lock goes on now: a server process that was
+            # not ended would commit the batch beside this run of it.
+            await locker.rollback()
+            return await run_in_thread(batch)
+
+        monkeypatch.setattr(commits, "run_batch", unlocked_first)
+        group = commits.group_commit()
+        try:
+            await group.submit(MarkDelivered([]))  # the loop's connection is open
+            proxy.arm("after_sync")
+            results = await asyncio.gather(
+                *(group.submit(operation) for operation in operations), return_exceptions=True
+            )
+            assert proxy.cut.is_set()
+            return results
+        finally:
+            await commits.close_group_commit()
+            await locker.close()
+            await proxy.close()
+
+    assert asyncio.run(scenario()) == [None, None, None]
+    assert_ran_once(held)
+
+
+def test_a_batch_whose_answer_was_lost_fails_rather_than_run_again_blindly_when_the_database_is_out_of_reach(
+    monkeypatch,
+):
+    operations, held = held_and_idle_workers()
+    thread_batches: list[int] = []
+    run_in_thread = commits.run_batch
+
+    async def counted(batch: list[Operation]) -> Any:
+        thread_batches.append(len(batch))
+        return await run_in_thread(batch)
+
+    monkeypatch.setattr(commits, "run_batch", counted)
+
+    async def scenario() -> list[BaseException | None]:
+        proxy = await _through_proxy(monkeypatch)
+        group = commits.group_commit()
+        try:
+            await group.submit(MarkDelivered([]))  # the loop's connection is open
+            proxy.arm("after_answer", then_refuse=True)
+            return await asyncio.gather(*(group.submit(operation) for operation in operations), return_exceptions=True)
+        finally:
+            await commits.close_group_commit()
+            await proxy.close()
+
+    results = asyncio.run(scenario())
+
+    # Each operation fails (its connection closes: its peer learns nothing went through for sure)...
+    assert all(isinstance(result, DatabaseError) for result in results), results
+    # ... and nothing ran twice: the batch had committed, once.
+    assert thread_batches == []
+    assert_ran_once(held)
