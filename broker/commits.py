@@ -78,6 +78,12 @@ MARK_DELAY = 0.05
 # operations, three gave 3-6 and about 25% more tasks per second.
 GATHER_ROUNDS = 3
 
+# Looks for a batch whose answer was lost with its PostgreSQL connection (see
+# GroupCommit._settle), and the seconds between two: a cut that ends every
+# connection of the moment (a restart, a failover) may take the first new one too.
+SETTLE_ATTEMPTS = 3
+SETTLE_RETRY_SECONDS = 0.5
+
 
 def _run_batch_in_thread(operations: Sequence[dispatch.Operation]) -> Outcomes:
     db = connections[DEFAULT_DB_ALIAS]
@@ -228,17 +234,27 @@ class GroupCommit:
         if ran_on is not None:
             # Rolled back whole, unless the connection was lost with the answer of a
             # commit: then running it again would store its tasks twice. Look first.
-            try:
-                outcomes = await (await self._usable_pg_connection()).settle(ran_on, script, count)
-            except Exception as exc:
-                logger.error("could not learn whether a batch of %s operations committed", count, exc_info=True)
-                raise DatabaseError("lost the database connection: a batch may or may not have committed") from exc
+            outcomes = await self._settle(ran_on, script, count)
             if outcomes is not None:
                 logger.warning("a batch of %s operations committed, but its answer was lost with the connection", count)
                 return outcomes
         # The loop is only the fast path: in the thread each operation is tried
         # again on its own, with Django's error handling.
         return await run_batch(operations)
+
+    async def _settle(self, ran_on: pgloop.LoopConnection, script: dispatch.BatchScript, count: int) -> Outcomes | None:
+        """``pgloop.LoopConnection.settle``, tried ``SETTLE_ATTEMPTS`` times; DatabaseError if it never could."""
+        attempts_left = SETTLE_ATTEMPTS
+        while True:
+            attempts_left -= 1
+            try:
+                return await (await self._usable_pg_connection()).settle(ran_on, script, count)
+            except Exception as exc:
+                if not attempts_left:
+                    logger.error("could not learn whether a batch of %s operations committed", count, exc_info=True)
+                    raise DatabaseError("lost the database connection: a batch may or may not have committed") from exc
+                logger.warning("could not learn yet whether a batch of %s operations committed: %r", count, exc)
+            await asyncio.sleep(SETTLE_RETRY_SECONDS)
 
     async def _usable_pg_connection(self) -> pgloop.LoopConnection:
         """The loop's own PostgreSQL connection, opened anew if it is closed or broken."""

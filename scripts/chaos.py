@@ -12,7 +12,10 @@ answer them through both. Meanwhile, at random points of the run:
   answers it late: the broker has given the task to another worker and
   refuses the late answer;
 * the second broker process is SIGKILLed and started again on its port: its
-  clients and workers reconnect; the clients re-send what is pending.
+  clients and workers reconnect; the clients re-send what is pending;
+* every database connection of both broker processes is cut at once (the
+  server ends them, as a restarted or failed-over PostgreSQL would): batches
+  in flight lose their answers, committed or not.
 
 At the end every client must hold exactly one correct result per messageId,
 and the database must show every task DONE once with the right result:
@@ -248,12 +251,15 @@ class Chaos:
         total = self.args.tasks
         plan = [(self.rng.uniform(0.05, 0.85), "worker") for _ in range(self.args.worker_kills)]
         plan += [(self.rng.uniform(0.3, 0.6), "broker") for _ in range(self.args.broker_kills)]
+        plan += [(self.rng.uniform(0.1, 0.9), "database") for _ in range(self.args.db_cuts)]
         plan.sort()
         for at, what in plan:
             while self.answered < at * total:
                 await asyncio.sleep(0.02)
             if what == "broker":
                 await self.kill_broker()
+            elif what == "database":
+                await asyncio.to_thread(self.cut_database_connections)
             else:
                 await self.kill_worker()
 
@@ -273,6 +279,16 @@ class Chaos:
         await asyncio.sleep(self.rng.uniform(0.5, 1.5))
         await asyncio.to_thread(broker.start)
         self.say("broker process B started again on its port")
+
+    def cut_database_connections(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.env["DATABASE_URL"], autocommit=True) as db:
+            cut = db.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        self.say(f"cut {cut} database connections of the brokers at {self.answered} answered")
 
     # --- the verdict ----------------------------------------------------------------------------------
 
@@ -395,6 +411,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=6, help="worker processes (default 6)")
     parser.add_argument("--worker-kills", type=int, default=8, help="workers SIGKILLed and restarted (default 8)")
     parser.add_argument("--broker-kills", type=int, default=1, help="times broker B is SIGKILLed (default 1)")
+    parser.add_argument(
+        "--db-cuts", type=int, default=3, help="times the brokers' database connections are cut (default 3)"
+    )
     parser.add_argument("--hang-on", type=int, default=5, help="worker 0 hangs on its n-th task (default 5)")
     parser.add_argument("--in-flight", type=int, default=50, help="pending submissions per client (default 50)")
     parser.add_argument("--work-ms", type=float, default=2.0, help="a task takes up to this long (default 2)")

@@ -13,8 +13,8 @@ off, in one of two ways:
 * ``"after_sync"``: the client is cut off at once, while the server goes on
   with what it received (it may be waiting for a lock, say).
 
-With ``then_refuse``, every connection made after the cut is refused (the
-database out of reach). The server's side of a cut connection stays open
+With ``then_refuse=n``, the next ``n`` connections made after the cut are
+refused (the database out of reach for a while). The server's side of a cut connection stays open
 until :meth:`close`.
 Connections need ``sslmode=disable``: the proxy must read the messages.
 """
@@ -39,7 +39,7 @@ class CuttingProxy:
         self.host, self.port = host, port
         self.listening_port = 0
         self.armed: Cut | None = None
-        self.refuse_after_cut = False
+        self.refuse_after_cut = 0  # connections still to refuse once cut
         self.cut = asyncio.Event()  # set once a connection was cut off
         self._server: asyncio.Server | None = None
         self._upstreams: list[asyncio.StreamWriter] = []
@@ -50,7 +50,7 @@ class CuttingProxy:
         self.listening_port = self._server.sockets[0].getsockname()[1]
         return self
 
-    def arm(self, how: Cut, then_refuse: bool = False) -> None:
+    def arm(self, how: Cut, then_refuse: int = 0) -> None:
         """Cut off the next connection to send a Sync (see the module's docstring)."""
         self.armed = how
         self.refuse_after_cut = then_refuse
@@ -67,6 +67,7 @@ class CuttingProxy:
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if self.cut.is_set() and self.refuse_after_cut:
+            self.refuse_after_cut -= 1
             client_writer.transport.abort()
             return
         server_reader, server_writer = await asyncio.open_connection(self.host, self.port)
