@@ -34,7 +34,8 @@ hand-written statements runs in a transaction that saves round trips
 (``broker.postgres``). A batch that fails on the loop is run again in the
 thread, where each operation's error reaches that operation; on PostgreSQL,
 only once it is sure the batch did not commit after all (its answer lost with
-the connection: ``pgloop.LoopConnection.settle``).
+the connection: ``pgloop.LoopConnection.settle``; in the thread,
+``dispatch.run_batch`` does the same).
 
 The hop to the database thread is made here rather than through
 ``database_sync_to_async``: a batch needs none of what that wrapper carries
@@ -77,12 +78,6 @@ MARK_DELAY = 0.05
 # measured (W1, W2 of turtlemq bench), one round gave batches of 1-2
 # operations, three gave 3-6 and about 25% more tasks per second.
 GATHER_ROUNDS = 3
-
-# Looks for a batch whose answer was lost with its PostgreSQL connection (see
-# GroupCommit._settle), and the seconds between two: a cut that ends every
-# connection of the moment (a restart, a failover) may take the first new one too.
-SETTLE_ATTEMPTS = 3
-SETTLE_RETRY_SECONDS = 0.5
 
 
 def _run_batch_in_thread(operations: Sequence[dispatch.Operation]) -> Outcomes:
@@ -243,8 +238,8 @@ class GroupCommit:
         return await run_batch(operations)
 
     async def _settle(self, ran_on: pgloop.LoopConnection, script: dispatch.BatchScript, count: int) -> Outcomes | None:
-        """``pgloop.LoopConnection.settle``, tried ``SETTLE_ATTEMPTS`` times; DatabaseError if it never could."""
-        attempts_left = SETTLE_ATTEMPTS
+        """``pgloop.LoopConnection.settle``, tried ``dispatch.SETTLE_ATTEMPTS`` times; DatabaseError if never."""
+        attempts_left = dispatch.SETTLE_ATTEMPTS
         while True:
             attempts_left -= 1
             try:
@@ -254,7 +249,7 @@ class GroupCommit:
                     logger.error("could not learn whether a batch of %s operations committed", count, exc_info=True)
                     raise DatabaseError("lost the database connection: a batch may or may not have committed") from exc
                 logger.warning("could not learn yet whether a batch of %s operations committed: %r", count, exc)
-            await asyncio.sleep(SETTLE_RETRY_SECONDS)
+            await asyncio.sleep(dispatch.SETTLE_RETRY_SECONDS)
 
     async def _usable_pg_connection(self) -> pgloop.LoopConnection:
         """The loop's own PostgreSQL connection, opened anew if it is closed or broken."""

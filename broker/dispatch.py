@@ -57,14 +57,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, OperationalError, connections, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -81,6 +82,15 @@ logger = logging.getLogger("turtlemq.broker")
 # How many workers one assignment round considers; each completion, release
 # and housekeeping tick runs another round, so this only bounds one statement.
 WORKERS_PER_ROUND = 200
+
+# A batch whose connection to PostgreSQL broke may have committed all the same
+# (see _settle_lost, and broker.pgloop for the event loop's batches): seconds to
+# wait for the lost connection's server process to end, looks for what the
+# batch wrote, and seconds between two (a cut that ends every connection of the
+# moment, as a restart or a failover does, may take the first new one too).
+LOST_PROCESS_TIMEOUT = 5.0
+SETTLE_ATTEMPTS = 3
+SETTLE_RETRY_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,10 +681,24 @@ def run_batch(
     are all ``sql_only`` try their transaction there first (``broker.postgres``);
     the runs one by one take Django's transactions, where every statement
     answers at once, so that an error is told to the operation that made it.
+    Should the connection to PostgreSQL break instead, the batch may have
+    committed all the same: :func:`_settle_lost` looks before anything runs again.
     """
+    driver = _driver_connection()
+    now = timezone.now()
     try:
-        return _run_together(operations, pipelined)
+        return _run_together(operations, pipelined, now)
     except DatabaseError:
+        if driver is not None and (driver[0].closed or driver[0].broken):
+            try:
+                settled = _settle_lost(operations, now, *driver)
+            except DatabaseError as exc:
+                logger.error(
+                    "could not learn whether a batch of %s operations committed", len(operations), exc_info=True
+                )
+                return [exc] * len(operations), Effects()
+            if settled is not None:
+                return settled
         if len(operations) == 1:
             if pipelined is None:
                 raise
@@ -706,10 +730,12 @@ def run_batch_on_loop(
 
 
 def _run_together(
-    operations: Sequence[Operation], own_connection: LoopConnection | PipelinedConnection | None = None
+    operations: Sequence[Operation],
+    own_connection: LoopConnection | PipelinedConnection | None = None,
+    now: datetime | None = None,
 ) -> tuple[list[ProtocolError | DatabaseError | None], Effects]:
     with transaction.atomic() if own_connection is None else own_connection.transaction():
-        batch = Batch(timezone.now(), sql.Statements(own_connection))
+        batch = Batch(now or timezone.now(), sql.Statements(own_connection))
         for position, operation in enumerate(operations):
             batch.position = position
             if not operation.gathered():
@@ -721,6 +747,96 @@ def _run_together(
         batch.finish()
     errors: list[ProtocolError | DatabaseError | None] = [batch.errors.get(i) for i in range(len(operations))]
     return errors, batch.effects
+
+
+def _driver_connection() -> tuple[Any, int] | None:
+    """PostgreSQL: the driver's connection under Django's that a batch is about to use, and its server process's pid.
+
+    Kept by the batch (see _settle_lost): should it break, Django may have
+    replaced it by the time the batch's error arrives, and a broken one no
+    longer tells its pid.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.vendor != "postgresql":
+        return None
+    try:
+        db.ensure_connection()
+    except DatabaseError:
+        return None  # the batch fails before it can write anything
+    return db.connection, db.connection.info.backend_pid
+
+
+def _settle_lost(
+    operations: Sequence[Operation], now: datetime, lost: Any, server_process: int
+) -> tuple[list[ProtocolError | DatabaseError | None], Effects] | None:
+    """A batch whose driver connection ``lost`` broke: its errors and effects if it committed all the same, None if not.
+
+    ``server_process``: the pid of the server process of ``lost``.
+
+    The lost connection's server process is ended first (what it had not
+    committed is rolled back there), so that nothing of the batch commits after
+    the look; then what the batch wrote is looked for at its timestamp: new
+    tasks, completions and final failures, closed connections. Found, the
+    batch committed: every operation fails all the same (what it answered,
+    refusals included, is lost; their connections close and their peers
+    resume), and what the rows say it handed out and finished is announced.
+    Tried ``SETTLE_ATTEMPTS`` times; raises DatabaseError when that cannot be made sure of.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.connection is lost:
+        db.close()  # the next statement opens another
+    attempts_left = SETTLE_ATTEMPTS
+    while True:
+        attempts_left -= 1
+        try:
+            return _look_for_lost(operations, now, server_process)
+        except DatabaseError as exc:
+            if not attempts_left:
+                raise
+            logger.warning("could not learn yet whether a batch of %s operations committed: %r", len(operations), exc)
+            db.close()
+        time.sleep(SETTLE_RETRY_SECONDS)
+
+
+def _look_for_lost(
+    operations: Sequence[Operation], now: datetime, server_process: int
+) -> tuple[list[ProtocolError | DatabaseError | None], Effects] | None:
+    """One look of :func:`_settle_lost`."""
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity WHERE pid = %s AND backend_start <= %s",
+            [int(LOST_PROCESS_TIMEOUT * 1000), server_process, now],
+        )
+        if not all(ended for (ended,) in cursor.fetchall()):
+            raise OperationalError(f"the server process {server_process} of a lost connection did not end")
+    submitted = [op for op in operations if isinstance(op, Submit)]
+    message_ids, reply_channels = {op.message_id for op in submitted}, {op.reply_channel for op in submitted}
+    finished = [int(op.task_id) for op in operations if isinstance(op, Complete | Fail) and _is_task_id(op.task_id)]
+    released = [op.connection_id for op in operations if isinstance(op, Release)]
+    committed = (  # an empty list asks nothing of the database
+        Task.objects.filter(created_at=now, message_id__in=message_ids, reply_channel__in=reply_channels).exists()
+        or Task.objects.filter(pk__in=finished, finished_at=now).exists()
+        or Connection.objects.filter(pk__in=released, disconnected_at=now).exists()
+    )
+    if not committed:
+        # Or nothing of it shows, and what it did is harmless to do again: a retry's
+        # backoff, a lease, a delivery mark (a failure reported again is refused).
+        return None
+    logger.warning("a batch of %s operations committed, but its answer was lost with the connection", len(operations))
+    outcomes = [
+        _outcome(reply_channel, pk, message_id, state, result)
+        for reply_channel, pk, message_id, state, result in Task.objects.finished()
+        .filter(pk__in=finished, finished_at=now, delivered_at__isnull=True)
+        .values_list("reply_channel", "pk", "message_id", "state", "result")
+    ]
+    handed_out = [
+        Assignment(worker_channel, str(pk), data)
+        for pk, data, worker_channel in Task.objects.assigned()
+        .filter(assigned_at=now, worker__disconnected_at__isnull=True)
+        .values_list("pk", "data", "worker__channel_name")
+    ]
+    error = OperationalError("lost the database connection after a batch committed: its answers are lost")
+    return [error] * len(operations), Effects(assignments=handed_out, outcomes=outcomes)
 
 
 def run_one(operation: Operation) -> Effects:

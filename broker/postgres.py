@@ -158,24 +158,32 @@ class PipelinedConnection:
             with self.wrap_database_errors:
                 self.cursor.rollback()
         except DatabaseError:
-            # The connection is broken: Django closes it before the next batch
-            # (close_if_unusable_or_obsolete), and the error that got us here is raised.
-            self._db.errors_occurred = True
+            # The connection is broken (left mid-pipeline, say): closed now, so that
+            # whatever runs next in this thread (the batch's operations one by one,
+            # after dispatch.run_batch looked whether it committed) opens another.
+            # The error that got us here is raised.
+            self._db.close()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested transaction: an error inside it undoes only what it did."""
-        self.cursor.execute("SAVEPOINT turtlemq")
+        self._execute("SAVEPOINT turtlemq")
         self.cursor.savepoints += 1
         try:
             yield
         except BaseException:
             self.cursor.savepoints -= 1
-            self.cursor.execute("ROLLBACK TO SAVEPOINT turtlemq")
-            self.cursor.execute("RELEASE SAVEPOINT turtlemq")
+            self._execute("ROLLBACK TO SAVEPOINT turtlemq")
+            self._execute("RELEASE SAVEPOINT turtlemq")
             raise
         self.cursor.savepoints -= 1
-        self.cursor.execute("RELEASE SAVEPOINT turtlemq")
+        self._execute("RELEASE SAVEPOINT turtlemq")
+
+    def _execute(self, sql: str) -> None:
+        # As django.db's errors, as for every other statement: a connection lost
+        # here is then seen by dispatch.run_batch like one lost anywhere else.
+        with self.wrap_database_errors:
+            self.cursor.execute(sql)
 
 
 def pipelined(db: BaseDatabaseWrapper) -> PipelinedConnection | None:

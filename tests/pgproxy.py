@@ -40,6 +40,7 @@ class CuttingProxy:
         self.listening_port = 0
         self.armed: Cut | None = None
         self.refuse_after_cut = 0  # connections still to refuse once cut
+        self.armed_on: bytes | None = None
         self.cut = asyncio.Event()  # set once a connection was cut off
         self._server: asyncio.Server | None = None
         self._upstreams: list[asyncio.StreamWriter] = []
@@ -50,11 +51,21 @@ class CuttingProxy:
         self.listening_port = self._server.sockets[0].getsockname()[1]
         return self
 
-    def arm(self, how: Cut, then_refuse: int = 0) -> None:
-        """Cut off the next connection to send a Sync (see the module's docstring)."""
+    def arm(self, how: Cut, then_refuse: int = 0, on: bytes | None = None) -> None:
+        """Cut off the next connection to send a Sync (see the module's docstring).
+
+        ``on``: rather the next one to send these bytes (a simple query such as
+        COMMIT ends with no Sync; its answer, too, ends with ReadyForQuery).
+        """
         self.armed = how
         self.refuse_after_cut = then_refuse
+        self.armed_on = on
         self.cut.clear()
+
+    def _triggers(self, data: bytes) -> bool:
+        if self.armed_on is not None:
+            return self.armed_on in data
+        return data.endswith((SYNC, SYNC + FLUSH))
 
     async def close(self) -> None:
         if self._server is not None:
@@ -77,7 +88,7 @@ class CuttingProxy:
         async def to_server() -> None:
             while data := await client_reader.read(65536):
                 how = None
-                if self.armed and data.endswith((SYNC, SYNC + FLUSH)):
+                if self.armed and self._triggers(data):
                     how, self.armed = self.armed, None
                 if how == "after_answer":
                     answer_lost.set()  # before the server can answer
@@ -86,6 +97,7 @@ class CuttingProxy:
                 if how == "after_sync":
                     self._cut_off(client_writer)
                     return
+            server_writer.close()  # the client hung up
 
         async def to_client() -> None:
             lost = b""
@@ -98,6 +110,7 @@ class CuttingProxy:
                     continue
                 client_writer.write(data)
                 await client_writer.drain()
+            client_writer.close()  # the server hung up
 
         pumps = [asyncio.ensure_future(to_server()), asyncio.ensure_future(to_client())]
         self._pumps.update(pumps)

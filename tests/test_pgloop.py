@@ -610,7 +610,7 @@ def test_a_batch_whose_answer_was_lost_is_looked_for_again_and_fails_rather_than
 ):
     """The database out of reach for a moment (one connection refused), or for good."""
     operations, held = held_and_idle_workers()
-    monkeypatch.setattr(commits, "SETTLE_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(dispatch, "SETTLE_RETRY_SECONDS", 0.01)
     thread_batches: list[int] = []
     run_in_thread = commits.run_batch
 
@@ -633,7 +633,7 @@ def test_a_batch_whose_answer_was_lost_is_looked_for_again_and_fails_rather_than
 
     results = asyncio.run(scenario())
 
-    if refused < commits.SETTLE_ATTEMPTS:
+    if refused < dispatch.SETTLE_ATTEMPTS:
         assert results == [None, None, None]  # found at the next look
     else:
         # Each operation fails (its connection closes: its peer learns nothing went through for sure).
