@@ -196,8 +196,6 @@ BACKEND = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backen
 # $1 $2 the server process of a lost connection, $3 milliseconds to wait: whether it has ended (no
 # row: already gone), terminated if it is still there (rolling back what it had not committed).
 ENDED = "SELECT pg_terminate_backend(pid, $3) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
-# Seconds to wait for the server process of a lost connection to end.
-END_TIMEOUT = 5.0
 
 # What a batch wrote, found by its timestamp ($1) once nobody can commit it any more (see settle).
 # $2 message ids, $3 reply channels of its new tasks: how many of them are stored.
@@ -332,9 +330,12 @@ class LoopConnection:
         return script.effects(count, done, handed_out, held)
 
     async def _end(self, backend: tuple[int, Any]) -> None:
-        """Make sure the server process ``backend`` has ended; raise if it is still there after ``END_TIMEOUT``."""
+        """Make sure the server process ``backend`` has ended; raise if it is still there after a while.
+
+        The while: ``dispatch.LOST_PROCESS_TIMEOUT``.
+        """
         pid, started = backend
-        for (ended,) in await self._rows(ENDED, (pid, started, int(END_TIMEOUT * 1000))):
+        for (ended,) in await self._rows(ENDED, (pid, started, int(dispatch.LOST_PROCESS_TIMEOUT * 1000))):
             if not ended:
                 raise psycopg.OperationalError(f"the server process {pid} of a lost connection did not end")
 
