@@ -26,7 +26,7 @@ from broker import commits, dispatch, pgloop
 from broker.dispatch import Complete, MarkDelivered, Operation, Submit
 from broker.models import BrokerProcess, Connection, Task
 
-from .pgproxy import CuttingProxy
+from .pgproxy import Cut, CuttingProxy
 
 pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="the loop's connection is PostgreSQL's"),
@@ -540,20 +540,26 @@ async def _through_proxy(monkeypatch) -> CuttingProxy:
     return proxy
 
 
+async def _cut_batch(
+    proxy: CuttingProxy, operations: list[Operation], how: Cut, then_refuse: int = 0
+) -> list[BaseException | None]:
+    """Run ``operations`` as one batch of the group commit, its connection cut as ``how`` says."""
+    group = commits.group_commit()
+    await group.submit(MarkDelivered([]))  # the loop's connection is open before the proxy is armed
+    proxy.arm(how, then_refuse=then_refuse)
+    results = await asyncio.gather(*(group.submit(operation) for operation in operations), return_exceptions=True)
+    assert proxy.cut.is_set()
+    return results
+
+
 def test_a_batch_that_committed_but_whose_answer_was_lost_is_not_run_again_and_its_outcomes_go_out(monkeypatch):
     operations, held = held_and_idle_workers()
     events: dict[str, dict[str, Any]] = {}
 
     async def scenario() -> list[BaseException | None]:
         proxy = await _through_proxy(monkeypatch)
-        group = commits.group_commit()
         try:
-            await group.submit(MarkDelivered([]))  # the loop's connection is open
-            proxy.arm("after_answer")
-            results = await asyncio.gather(
-                *(group.submit(operation) for operation in operations), return_exceptions=True
-            )
-            assert proxy.cut.is_set()
+            results = await _cut_batch(proxy, operations, "after_answer")
             layer = get_channel_layer()
             for channel in ("client.a", "worker.idle", "worker.busy"):
                 events[channel] = await asyncio.wait_for(layer.receive(channel), 5)
@@ -586,15 +592,8 @@ def test_a_batch_cut_off_while_the_server_still_runs_it_is_ended_there_and_runs_
             return await run_in_thread(batch)
 
         monkeypatch.setattr(commits, "run_batch", unlocked_first)
-        group = commits.group_commit()
         try:
-            await group.submit(MarkDelivered([]))  # the loop's connection is open
-            proxy.arm("after_sync")
-            results = await asyncio.gather(
-                *(group.submit(operation) for operation in operations), return_exceptions=True
-            )
-            assert proxy.cut.is_set()
-            return results
+            return await _cut_batch(proxy, operations, "after_sync")
         finally:
             await commits.close_group_commit()
             await locker.close()
@@ -622,11 +621,8 @@ def test_a_batch_whose_answer_was_lost_is_looked_for_again_and_fails_rather_than
 
     async def scenario() -> list[BaseException | None]:
         proxy = await _through_proxy(monkeypatch)
-        group = commits.group_commit()
         try:
-            await group.submit(MarkDelivered([]))  # the loop's connection is open
-            proxy.arm("after_answer", then_refuse=refused)
-            return await asyncio.gather(*(group.submit(operation) for operation in operations), return_exceptions=True)
+            return await _cut_batch(proxy, operations, "after_answer", then_refuse=refused)
         finally:
             await commits.close_group_commit()
             await proxy.close()
