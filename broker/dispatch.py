@@ -777,9 +777,10 @@ def _settle_lost(
     committed is rolled back there), so that nothing of the batch commits after
     the look; then what the batch wrote is looked for at its timestamp: new
     tasks, completions and final failures, closed connections. Found, the
-    batch committed: every operation fails all the same (what it answered,
-    refusals included, is lost; their connections close and their peers
-    resume), and what the rows say it handed out and finished is announced.
+    batch committed: what the rows say it handed out and finished is
+    announced, the submissions and completions the rows show went through, and
+    every other operation fails (its answer, a refusal perhaps, is lost: its
+    connection closes and its peer resumes).
     Tried ``SETTLE_ATTEMPTS`` times; raises DatabaseError when that cannot be made sure of.
     """
     db = connections[DEFAULT_DB_ALIAS]
@@ -813,16 +814,32 @@ def _look_for_lost(
     message_ids, reply_channels = {op.message_id for op in submitted}, {op.reply_channel for op in submitted}
     finished = [int(op.task_id) for op in operations if isinstance(op, Complete | Fail) and _is_task_id(op.task_id)]
     released = [op.connection_id for op in operations if isinstance(op, Release)]
-    committed = (  # an empty list asks nothing of the database
-        Task.objects.filter(created_at=now, message_id__in=message_ids, reply_channel__in=reply_channels).exists()
-        or Task.objects.filter(pk__in=finished, finished_at=now).exists()
-        or Connection.objects.filter(pk__in=released, disconnected_at=now).exists()
+    # An empty list asks nothing of the database.
+    stored = set(
+        Task.objects.filter(created_at=now, message_id__in=message_ids, reply_channel__in=reply_channels).values_list(
+            "message_id", "reply_channel"
+        )
     )
-    if not committed:
+    completed = set(Task.objects.filter(pk__in=finished, finished_at=now).values_list("pk", "worker_id", "state"))
+    closed = Connection.objects.filter(pk__in=released, disconnected_at=now).exists()
+    if not (stored or completed or closed):
         # Or nothing of it shows, and what it did is harmless to do again: a retry's
         # backoff, a lease, a delivery mark (a failure reported again is refused).
         return None
     logger.warning("a batch of %s operations committed, but its answer was lost with the connection", len(operations))
+    lost = OperationalError("lost the database connection after a batch committed: this operation's answer is lost")
+
+    def answer(operation: Operation) -> OperationalError | None:
+        """None where the rows show the operation went through; else it may have been refused: unknown."""
+        if isinstance(operation, Submit):
+            return None if (operation.message_id, operation.reply_channel) in stored else lost
+        if isinstance(operation, Complete):
+            key = _completion_key(operation)
+            return None if key is not None and (*key, sql.DONE) in completed else lost
+        if isinstance(operation, Release | MarkDelivered):
+            return None  # nobody waits for these
+        return lost  # a failure or a lease renewal: whether it was refused does not show
+
     outcomes = [
         _outcome(reply_channel, pk, message_id, state, result)
         for reply_channel, pk, message_id, state, result in Task.objects.finished()
@@ -835,8 +852,7 @@ def _look_for_lost(
         .filter(assigned_at=now, worker__disconnected_at__isnull=True)
         .values_list("pk", "data", "worker__channel_name")
     ]
-    error = OperationalError("lost the database connection after a batch committed: its answers are lost")
-    return [error] * len(operations), Effects(assignments=handed_out, outcomes=outcomes)
+    return [answer(operation) for operation in operations], Effects(assignments=handed_out, outcomes=outcomes)
 
 
 def run_one(operation: Operation) -> Effects:
