@@ -1,22 +1,24 @@
 """A TCP proxy in front of PostgreSQL that loses a connection at the worst moment, on demand.
 
-PostgreSQL commits a pipeline when it reaches its Sync message. A client whose
-connection breaks after sending the Sync cannot tell whether the transaction
-committed: that is the case ``broker.pgloop`` must settle, and no mock can show
-what a real server does then. This proxy passes bytes through both ways until
-it is armed; then, once the client has sent its next Sync, it cuts the client
-off, in one of two ways:
+PostgreSQL commits a pipeline when it reaches its Sync message (a simple
+query such as COMMIT, on its own). A client whose connection breaks after
+sending it cannot tell whether the transaction committed: the case that
+``broker.pgloop`` and ``dispatch.run_batch`` must settle, and no mock can show
+what a real server does then. This proxy passes bytes through both ways, and
+an end hung up on one side is hung up on the other, until it is armed; then,
+once the client has sent its next Sync (or the bytes it was armed ``on``), it
+cuts the client off, in one of two ways:
 
 * ``"after_answer"``: the server's answer (up to its ReadyForQuery) is read
   and thrown away, then the client is cut off: the transaction committed, and
   the client never heard.
 * ``"after_sync"``: the client is cut off at once, while the server goes on
-  with what it received (it may be waiting for a lock, say).
+  with what it received (it may be waiting for a lock, or for the rest of a
+  transaction, say): its side stays open until :meth:`CuttingProxy.close`.
 
 With ``then_refuse=n``, the next ``n`` connections made after the cut are
-refused (the database out of reach for a while). The server's side of a cut connection stays open
-until :meth:`close`.
-Connections need ``sslmode=disable``: the proxy must read the messages.
+refused (the database out of reach for a while). Connections need
+``sslmode=disable``: the proxy must read the messages.
 """
 
 from __future__ import annotations
