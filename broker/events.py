@@ -11,7 +11,9 @@ process to its own connections when it stops serving them (a close with 1001).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from typing import Literal, TypedDict
 
 from asgiref.sync import async_to_sync
@@ -22,6 +24,15 @@ from . import inbox, local
 from .dispatch import Assignment, Effects, Outcome
 
 logger = logging.getLogger("turtlemq.broker")
+
+# Seconds after which task events that could not go to other processes (Redis
+# out of reach) are tried again, one after the other: about a quarter of a minute in all.
+RING_AGAIN_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+# The tries of each event loop (broker process) still under way (see _ring_again_later).
+_ringing_again: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class TaskAssignEvent(TypedDict):
@@ -82,15 +93,61 @@ async def ring(effects: Effects, layer: BaseChannelLayer | None = None, in_proce
     if not remote:
         return
     layer = layer or get_channel_layer()
+    unsent = await _ring_remote(layer, remote, in_process)
+    if unsent and in_process:
+        _ring_again_later(layer, unsent)
+    elif unsent:
+        logger.error("could not announce %s task events over the channel layer", len(unsent))
+
+
+async def _ring_remote(
+    layer: BaseChannelLayer, remote: list[tuple[str, dict]], in_process: bool
+) -> list[tuple[str, dict]]:
+    """Send events to the processes of their channels; those that could not go (Redis out of reach), else []."""
     if in_process and inbox.supported(layer):
         try:
             remote = await inbox.post(layer, remote)
-        except Exception:
-            # A doorbell, not the truth (see broker.inbox).
-            logger.exception("could not post %s task events to other processes' inboxes", len(remote))
+        except inbox.Unposted as exc:
+            logger.warning(
+                "could not post %s task events to other processes' inboxes: %r", len(exc.events), exc.__cause__
+            )
+            return exc.events
+    for position, (channel, event) in enumerate(remote):
+        try:
+            await _send(layer, channel, event)
+        except Exception as exc:
+            logger.warning("could not send %s task events over the channel layer: %r", len(remote) - position, exc)
+            return remote[position:]
+    return []
+
+
+def _ring_again_later(layer: BaseChannelLayer, events: list[tuple[str, dict]]) -> None:
+    """Ring events that could not go again, in the background, after each of ``RING_AGAIN_AFTER``.
+
+    A doorbell, not the truth, but one that never rings leaves a task with a
+    worker that does not know it holds it until its lease runs out (an hour by
+    default), and an outcome waiting for its client to resume: worth a few
+    tries while Redis comes back. In the background, so that what follows
+    (deliveries in this process above all) does not wait for Redis.
+    """
+    loop = asyncio.get_running_loop()
+    pending = _ringing_again.setdefault(loop, set())
+    retry = loop.create_task(_ring_again(layer, events), name="turtlemq task events rung again")
+    pending.add(retry)
+    retry.add_done_callback(pending.discard)
+
+
+async def _ring_again(layer: BaseChannelLayer, events: list[tuple[str, dict]]) -> None:
+    for delay in RING_AGAIN_AFTER:
+        await asyncio.sleep(delay)
+        events = await _ring_remote(layer, events, in_process=True)
+        if not events:
+            logger.info("task events that could not go earlier went now")
             return
-    for channel, event in remote:
-        await _send(layer, channel, event)
+    logger.error(
+        "gave up %s task events: their tasks wait for their leases, their outcomes for their clients to resume",
+        len(events),
+    )
 
 
 async def _send(layer: BaseChannelLayer, channel: str, event: dict) -> None:

@@ -17,7 +17,10 @@ event for a connection that has closed meanwhile is dropped.
 
 As on the layer, a message is a doorbell: one lost (Redis restarted, the
 process stopped while reading it) delays work, never loses it; the database
-still says what is owed to whom. An inbox nobody reads (its process died)
+still says what is owed to whom. One that could not be posted (Redis out of
+reach) is posted again for a while (``broker.events``); one whose answer was
+lost on the way may thus arrive twice, as a reminder does
+(``turtlemq_client`` ignores repeats). An inbox nobody reads (its process died)
 expires after the layer's ``expiry``.
 """
 
@@ -60,8 +63,20 @@ def inbox_of(layer: Any, channel: str) -> str | None:
     return f"{layer.prefix}inbox.{channel[len(SPECIFIC) : channel.index('!')]}"
 
 
+class Unposted(Exception):
+    """Posting failed at one inbox (Redis out of reach): ``events`` are those not posted, to try again."""
+
+    def __init__(self, events: list[tuple[str, Event]]) -> None:
+        super().__init__(f"{len(events)} task events not posted")
+        self.events = events
+
+
 async def post(layer: Any, events: list[tuple[str, Event]]) -> list[tuple[str, Event]]:
-    """Send task events to the inboxes of their channels' processes, one message each; those that have none."""
+    """Send task events to the inboxes of their channels' processes, one message each; those that have none.
+
+    Raises :class:`Unposted` with the events of the inbox that failed and of
+    every one after it, and those that have none (none of which went).
+    """
     by_inbox: dict[str, list[tuple[str, Event]]] = {}
     elsewhere: list[tuple[str, Event]] = []
     for channel, event in events:
@@ -70,12 +85,17 @@ async def post(layer: Any, events: list[tuple[str, Event]]) -> list[tuple[str, E
             elsewhere.append((channel, event))
         else:
             by_inbox.setdefault(key, []).append((channel, event))
-    for key, batch in by_inbox.items():
-        connection = layer.connection(layer.consistent_hash(key))
-        pipe = connection.pipeline(transaction=False)
-        pipe.rpush(key, orjson.dumps(batch))
-        pipe.expire(key, int(layer.expiry))
-        await pipe.execute()
+    batches = list(by_inbox.items())
+    for done, (key, batch) in enumerate(batches):
+        try:
+            connection = layer.connection(layer.consistent_hash(key))
+            pipe = connection.pipeline(transaction=False)
+            pipe.rpush(key, orjson.dumps(batch))
+            pipe.expire(key, int(layer.expiry))
+            await pipe.execute()
+        except Exception as exc:
+            unposted = [event for _, rest in batches[done:] for event in rest]
+            raise Unposted(unposted + elsewhere) from exc
     return elsewhere
 
 

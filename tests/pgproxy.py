@@ -48,8 +48,9 @@ class CuttingProxy:
         self._upstreams: list[asyncio.StreamWriter] = []
         self._pumps: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> CuttingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> CuttingProxy:
+        """Listen on loopback ``port`` (0: a free one, then in ``listening_port``)."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.listening_port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -8,13 +8,18 @@ has). A stand-in consumer records what it is handed in-process.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from channels_redis.core import RedisChannelLayer
 
 from broker import events, inbox, local
 from broker.dispatch import Assignment, Effects, Outcome
-from tests.test_fanout import TIMEOUT, discard_layer, make_layer, needs_redis
+from tests.pgproxy import CuttingProxy
+from tests.test_email_notifications import free_port
+from tests.test_fanout import REDIS_URL, TIMEOUT, discard_layer, make_layer, needs_redis
 
 pytestmark = needs_redis
 
@@ -117,3 +122,31 @@ async def test_an_inbox_nobody_reads_expires_with_the_layer_s_messages(processes
     assert key is not None
     connection = here.connection(here.consistent_hash(key))
     assert 0 < await connection.ttl(key) <= here.expiry
+
+
+async def test_events_that_could_not_be_posted_go_again_once_redis_answers(monkeypatch):
+    """Redis out of reach for the announcing process for a moment: its doorbells ring again, once."""
+    port = free_port()
+    prefix = f"turtlemq-test-inbox-{uuid.uuid4().hex[:12]}"
+    # The announcing process reaches Redis through a port where nothing listens yet.
+    here = RedisChannelLayer(hosts=[{"address": f"redis://127.0.0.1:{port}", "socket_timeout": 5}], prefix=prefix)
+    there = make_layer("redis", prefix=prefix)
+    worker = Recorder(await there.new_channel())
+    monkeypatch.setattr(events, "RING_AGAIN_AFTER", (0.05, 0.2, 0.5, 1.0, 2.0))
+    monkeypatch.setattr(events, "local", type("Elsewhere", (), {"peer": staticmethod(lambda channel: None)}))
+    local.register(worker.channel, worker)
+    redis_host, redis_port = urlsplit(REDIS_URL).hostname, urlsplit(REDIS_URL).port or 6379
+    forwarder = CuttingProxy(redis_host or "127.0.0.1", redis_port)
+    try:
+        await inbox.start(there)
+        await events.ring(Effects(assignments=[Assignment(worker.channel, "41", "one")]), here)
+        assert worker.received == []  # Redis was out of reach: nothing went
+
+        await forwarder.start(port)  # Redis answers again
+
+        assert await worker.wait_for(1) == [("task", "41", "one")]
+    finally:
+        local.unregister(worker.channel)
+        await inbox.stop()
+        await discard_layer(there)
+        await forwarder.close()
