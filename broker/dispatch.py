@@ -684,7 +684,7 @@ def run_batch(
     Should the connection to PostgreSQL break instead, the batch may have
     committed all the same: :func:`_settle_lost` looks before anything runs again.
     """
-    driver = _driver_connection()
+    driver = _driver_connection()  # PostgreSQL: (the driver's connection, its server process's pid)
     now = timezone.now()
     try:
         return _run_together(operations, pipelined, now)
