@@ -684,14 +684,14 @@ def run_batch(
     Should the connection to PostgreSQL break instead, the batch may have
     committed all the same: :func:`_settle_lost` looks before anything runs again.
     """
-    driver = _driver_connection()  # PostgreSQL: (the driver's connection, its server process's pid)
+    lost, server_process = _driver_connection()  # PostgreSQL's; (None, 0) on SQLite
     now = timezone.now()
     try:
         return _run_together(operations, pipelined, now)
     except DatabaseError:
-        if driver is not None and (driver[0].closed or driver[0].broken):
+        if lost is not None and (lost.closed or lost.broken):
             try:
-                settled = _settle_lost(operations, now, *driver)
+                settled = _settle_lost(operations, now, lost, server_process)
             except DatabaseError as exc:
                 logger.error(
                     "could not learn whether a batch of %s operations committed", len(operations), exc_info=True
@@ -749,8 +749,10 @@ def _run_together(
     return errors, batch.effects
 
 
-def _driver_connection() -> tuple[Any, int] | None:
+def _driver_connection() -> tuple[Any, int]:
     """PostgreSQL: the driver's connection under Django's that a batch is about to use, and its server process's pid.
+
+    (None, 0) elsewhere, or when there is no connection to be had.
 
     Kept by the batch (see _settle_lost): should it break, Django may have
     replaced it by the time the batch's error arrives, and a broken one no
@@ -758,11 +760,11 @@ def _driver_connection() -> tuple[Any, int] | None:
     """
     db = connections[DEFAULT_DB_ALIAS]
     if db.vendor != "postgresql":
-        return None
+        return None, 0
     try:
         db.ensure_connection()
     except DatabaseError:
-        return None  # the batch fails before it can write anything
+        return None, 0  # the batch fails before it can write anything
     return db.connection, db.connection.info.backend_pid
 
 
@@ -820,7 +822,13 @@ def _look_for_lost(
             "message_id", "reply_channel"
         )
     )
-    completed = set(Task.objects.filter(pk__in=finished, finished_at=now).values_list("pk", "worker_id", "state"))
+    # The tasks it finished: (pk, worker, state, reply_channel, message_id, result, delivered_at).
+    finished_rows = list(
+        Task.objects.filter(pk__in=finished, finished_at=now).values_list(
+            "pk", "worker_id", "state", "reply_channel", "message_id", "result", "delivered_at"
+        )
+    )
+    completed = {(pk, worker_id, state) for pk, worker_id, state, *_ in finished_rows}
     closed = Connection.objects.filter(pk__in=released, disconnected_at=now).exists()
     if not (stored or completed or closed):
         # Or nothing of it shows, and what it did is harmless to do again: a retry's
@@ -842,9 +850,8 @@ def _look_for_lost(
 
     outcomes = [
         _outcome(reply_channel, pk, message_id, state, result)
-        for reply_channel, pk, message_id, state, result in Task.objects.finished()
-        .filter(pk__in=finished, finished_at=now, delivered_at__isnull=True)
-        .values_list("reply_channel", "pk", "message_id", "state", "result")
+        for pk, _, state, reply_channel, message_id, result, delivered_at in finished_rows
+        if delivered_at is None
     ]
     handed_out = [
         Assignment(worker_channel, str(pk), data)
